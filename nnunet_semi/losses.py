@@ -1,0 +1,98 @@
+"""Unsupervised loss primitives shared by the semi-supervised trainers.
+
+Conventions: ``logits`` are (B, C, *spatial) float tensors, hard targets are (B, *spatial) int64,
+masks are (B, *spatial) bool/float with 1 = voxel counts. Pseudo-labels are produced under
+``torch.no_grad`` and carry no gradient.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def pseudo_label(logits: torch.Tensor, temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Hard pseudo-label (argmax) and its confidence (max softmax) of ``logits``; no gradient."""
+    probs = torch.softmax(logits.detach().float() / temperature, dim=1)
+    conf, label = probs.max(dim=1)
+    return label, conf
+
+
+def masked_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                     include_background: bool = True, smooth: float = 1e-5,
+                     squared_denominator: bool = False, batch_dice: bool = True) -> torch.Tensor:
+    """Soft Dice loss against a hard target, with voxels where ``mask`` is 0 *excluded* from the
+    intersection and both denominator sums (nothing is re-weighted).
+
+    ``squared_denominator`` uses sum(p^2) + sum(y^2) as in the V-Net/UA-MT/SSL4MIS Dice that the
+    CrossMatch code uses; otherwise sum(p) + sum(y). Returns 1 - mean Dice over classes.
+    """
+    num_classes = probs.shape[1]
+    onehot = F.one_hot(target.long(), num_classes).movedim(-1, 1).to(probs.dtype)
+    if mask is not None:
+        m = mask.to(probs.dtype).unsqueeze(1)
+        probs = probs * m
+        onehot = onehot * m
+    dims = (0,) + tuple(range(2, probs.ndim)) if batch_dice else tuple(range(2, probs.ndim))
+    inter = (probs * onehot).sum(dims)
+    if squared_denominator:
+        den = (probs * probs).sum(dims) + (onehot * onehot).sum(dims)
+    else:
+        den = probs.sum(dims) + onehot.sum(dims)
+    dice = (2.0 * inter + smooth) / (den + smooth)
+    if not include_background:
+        dice = dice[..., 1:]
+    return 1.0 - dice.mean()
+
+
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                         mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Voxel-wise CE against a hard target, averaged over the voxels where ``mask`` is 1
+    (0 if no voxel counts)."""
+    ce = F.cross_entropy(logits.float(), target.long(), reduction="none")
+    if mask is None:
+        return ce.mean()
+    m = mask.to(ce.dtype)
+    return (ce * m).sum() / m.sum().clamp_min(1.0)
+
+
+def softmax_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean squared difference of the softmax maps (Mean Teacher / UA-MT consistency), averaged
+    over classes and the voxels where ``mask`` is 1. The teacher side is detached."""
+    p_s = torch.softmax(student_logits.float(), dim=1)
+    p_t = torch.softmax(teacher_logits.detach().float(), dim=1)
+    se = ((p_s - p_t) ** 2).mean(dim=1)
+    if mask is None:
+        return se.mean()
+    m = mask.to(se.dtype)
+    return (se * m).sum() / m.sum().clamp_min(1.0)
+
+
+def consistency_loss(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     conf_thresh: Optional[float] = None) -> Tuple[torch.Tensor, dict]:
+    """Teacher -> student consistency of one of the kinds
+
+    - ``'mse'``: softmax MSE (Mean Teacher, UA-MT, SSL4MIS),
+    - ``'ce'``: CE on the teacher's hard pseudo-label,
+    - ``'dice_ce'``: (CE + soft Dice) / 2 on the hard pseudo-label (FixMatch/UniMatch style),
+
+    optionally restricted to voxels whose teacher confidence is >= ``conf_thresh``. Returns the
+    loss and statistics (mean teacher confidence, ratio of voxels kept) for logging.
+    """
+    label, conf = pseudo_label(teacher_logits)
+    mask = (conf >= conf_thresh) if conf_thresh is not None else None
+    if kind == "mse":
+        loss = softmax_mse(student_logits, teacher_logits, mask)
+    elif kind == "ce":
+        loss = masked_cross_entropy(student_logits, label, mask)
+    elif kind == "dice_ce":
+        probs = torch.softmax(student_logits.float(), dim=1)
+        loss = 0.5 * (masked_cross_entropy(student_logits, label, mask) + masked_dice_loss(probs, label, mask))
+    else:
+        raise ValueError(f"unknown consistency loss '{kind}' (use 'mse', 'ce' or 'dice_ce')")
+    stats = {"pl_confidence": conf.mean().detach(),
+             "mask_ratio": mask.float().mean().detach() if mask is not None else torch.ones(())}
+    return loss, stats

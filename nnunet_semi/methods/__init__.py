@@ -1,0 +1,1 @@
+"""One module per semi-supervised method; each overrides one hook of the base trainer."""

@@ -1,0 +1,78 @@
+"""Image- and feature-level perturbations on batches (torch, any device, 2D or 3D).
+
+CutMix follows the UniMatch/CrossMatch recipe: with probability ``p`` a box whose area (volume)
+fraction is ~U(area_min, area_max) and whose aspect ratio is ~U(ratio_min, 1/ratio_min) is cut from
+a mix-source sample and pasted into the target sample; the same box mixes images, pseudo-labels
+and confidences. Feature dropout draws channel-wise masks (Dropout2d/3d) out of place.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def cutmix_box_mask(spatial_shape: Sequence[int], p: float = 0.5, area_range=(0.02, 0.4),
+                    ratio_min: float = 0.3, generator: Optional[torch.Generator] = None,
+                    device=None) -> torch.Tensor:
+    """One bool mask of ``spatial_shape`` (2D or 3D), True inside the box, all False with
+    probability 1 - p."""
+    mask = torch.zeros(tuple(spatial_shape), dtype=torch.bool, device=device)
+    u = lambda: float(torch.rand((), generator=generator))
+    if u() > p:
+        return mask
+    dims = len(spatial_shape)
+    total = float(math.prod(spatial_shape))
+    size = (area_range[0] + u() * (area_range[1] - area_range[0])) * total
+    ratio = ratio_min + u() * (1.0 / ratio_min - ratio_min)
+    if dims == 2:
+        sides = [math.sqrt(size / ratio), math.sqrt(size * ratio)]
+    elif dims == 3:
+        c = size ** (1.0 / 3.0)
+        sides = [c / ratio ** (1.0 / 3.0), c * ratio ** (1.0 / 3.0), c]
+        # shuffle which axis gets which side so no axis is systematically the long one
+        perm = torch.randperm(3, generator=generator).tolist()
+        sides = [sides[i] for i in perm]
+    else:
+        raise ValueError(f"cutmix needs 2D or 3D shapes, got {spatial_shape}")
+    slices = []
+    for s, n in zip(sides, spatial_shape):
+        s = int(max(1, min(n, round(s))))
+        start = int(torch.randint(0, n - s + 1, (1,), generator=generator))
+        slices.append(slice(start, start + s))
+    mask[tuple(slices)] = True
+    return mask
+
+
+def cutmix_box_masks(batch_size: int, spatial_shape: Sequence[int], p: float = 0.5, area_range=(0.02, 0.4),
+                     ratio_min: float = 0.3, device=None) -> torch.Tensor:
+    """(B, *spatial) bool masks, one independent box per sample."""
+    return torch.stack([cutmix_box_mask(spatial_shape, p, area_range, ratio_min, device=device)
+                        for _ in range(batch_size)])
+
+
+def apply_cutmix(target: torch.Tensor, source: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Out of place: ``target`` with ``source`` pasted where ``box`` (B, *spatial) is True. Works for
+    images (B, C, ...) and for label/confidence maps (B, ...)."""
+    m = box if target.ndim == box.ndim else box.unsqueeze(1)
+    return torch.where(m, source, target)
+
+
+def channel_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Channel-wise dropout (whole feature maps zeroed, survivors scaled by 1/(1-p)), always
+    active, out of place (nnU-Net's encoders use in-place LeakyReLUs, so skips must not be
+    modified in place). Works for 2D and 3D feature maps."""
+    if p <= 0:
+        return x
+    if x.ndim == 4:
+        return F.dropout2d(x, p, training=True)
+    if x.ndim == 5:
+        return F.dropout3d(x, p, training=True)
+    raise ValueError(f"channel_dropout expects 4D or 5D tensors, got {x.ndim}D")
+
+
+def perturb_skips(skips: List[torch.Tensor], p: float) -> List[torch.Tensor]:
+    """Independent channel-dropout masks on every encoder output (all skips and the bottleneck)."""
+    return [channel_dropout(s, p) for s in skips]

@@ -1,0 +1,36 @@
+"""Training-length overrides from environment variables, shared by every trainer of the plugin
+(the semi-supervised ones and :class:`~nnunet_semi.methods.supervised.SupervisedBaselineTrainer`), so
+a benchmark or a quick CPU run gives every arm the same budget without new trainer classes:
+
+- ``nnUNet_semi_epochs``: number of epochs (nnU-Net default 1000)
+- ``nnUNet_semi_iters``: training iterations per epoch (default 250)
+- ``nnUNet_semi_val_iters``: validation iterations per epoch (default 50)
+- ``nnUNet_semi_save_every``: write checkpoint_latest every N epochs (default 50)
+
+They are read when the trainer is built; the values in force are printed to the training log.
+"""
+from __future__ import annotations
+
+import os
+
+BUDGET_VARS = {"nnUNet_semi_epochs": "num_epochs", "nnUNet_semi_iters": "num_iterations_per_epoch",
+               "nnUNet_semi_val_iters": "num_val_iterations_per_epoch", "nnUNet_semi_save_every": "save_every"}
+
+
+def apply_budget_overrides(trainer) -> dict:
+    applied = {}
+    for var, attr in BUDGET_VARS.items():
+        raw = os.environ.get(var)
+        if raw is None or raw == "":
+            continue
+        try:
+            value = int(raw)
+            if value < 1:
+                raise ValueError
+        except ValueError:
+            raise RuntimeError(f"environment variable {var}={raw!r} must be a positive integer") from None
+        setattr(trainer, attr, value)
+        applied[attr] = value
+    if applied:
+        trainer.print_to_log_file(f"nnunet_semi budget overrides from the environment: {applied}")
+    return applied

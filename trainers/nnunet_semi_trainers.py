@@ -1,0 +1,5 @@
+"""Re-exports the nnunet-semi trainers for nnU-Net's trainer discovery (nnUNet_extTrainer).
+Keep this file free of code: nnU-Net imports it as a top-level module and then forgets it."""
+from nnunet_semi.methods.mean_teacher import (MeanTeacherTrainer, MeanTeacherTrainer_confCE,  # noqa: F401
+                                              MeanTeacherTrainer_exportTeacher)
+from nnunet_semi.methods.supervised import SupervisedBaselineTrainer  # noqa: F401
