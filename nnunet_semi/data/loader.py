@@ -28,9 +28,10 @@ def split_over_ranks(global_batch_size: int, world_size: int, rank: int) -> int:
 
 
 def worker_seeds(num_workers: int, rank: int, base: Optional[int] = None) -> List[int]:
-    """Distinct seeds for every worker of every rank (base drawn from OS entropy unless given)."""
+    """Distinct seeds for every worker of every rank. The base comes from the main process' numpy RNG
+    (entropy-seeded, or ``nnUNet_semi_seed``) unless given."""
     if base is None:
-        base = int(np.random.SeedSequence().entropy % (2 ** 31 - 1 - 100003 * 64))
+        base = int(np.random.randint(0, 2 ** 31 - 1 - 100003 * 64))
     return [base + 100003 * rank + i for i in range(max(1, num_workers))]
 
 

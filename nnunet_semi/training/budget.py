@@ -6,6 +6,9 @@ a benchmark or a quick CPU run gives every arm the same budget without new train
 - ``nnUNet_semi_iters``: training iterations per epoch (default 250)
 - ``nnUNet_semi_val_iters``: validation iterations per epoch (default 50)
 - ``nnUNet_semi_save_every``: write checkpoint_latest every N epochs (default 50)
+- ``nnUNet_semi_seed``: seed python, numpy and torch when the trainer is built (network initialisation,
+  sampling in the main process; augmentation workers get seeds derived from it), so benchmark repeats
+  differ by seed and a seed can be re-run. nnU-Net itself is not bit-deterministic (workers, cuDNN).
 
 They are read when the trainer is built; the values in force are printed to the training log.
 """
@@ -31,6 +34,17 @@ def apply_budget_overrides(trainer) -> dict:
             raise RuntimeError(f"environment variable {var}={raw!r} must be a positive integer") from None
         setattr(trainer, attr, value)
         applied[attr] = value
+    seed = os.environ.get("nnUNet_semi_seed")
+    if seed not in (None, ""):
+        import random
+
+        import numpy as np
+        import torch
+        seed = int(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        torch.manual_seed(seed)
+        applied["seed"] = seed
     if applied:
         trainer.print_to_log_file(f"nnunet_semi budget overrides from the environment: {applied}")
     return applied

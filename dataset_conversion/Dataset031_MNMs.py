@@ -1,0 +1,8 @@
+"""Convert the public MNMs download to a semi-supervised nnU-Net raw dataset (see --help).
+
+Same as the console script installed with the package; see nnunet_semi/conversion/mnms.py.
+"""
+from nnunet_semi.conversion.mnms import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,458 @@
+"""Shared machinery for the dataset converters (``nnunet_semi.conversion.<dataset>``).
+
+Every converter reads one public dataset layout and writes one semi-supervised raw dataset in the
+layout of :mod:`nnunet_semi.layout` (imagesTr/labelsTr, imagesUnlabeled/labelsWithheld,
+imagesTs/labelsTs, dataset.json, splits_semi.json, splits_standard/<setting>.json).
+
+API (stable; other converters build on it)
+------------------------------------------
+
+``ConversionError(RuntimeError)``
+    Bad input or refused operation. The message names the case / file / folder and the fix.
+
+``RawDatasetWriter(out_root, dataset_id, name, channel_names, labels, file_ending='.nii.gz',
+overwrite=False, **dataset_json_extra)``
+    Creates ``<out_root>/DatasetXXX_Name/``. If that folder exists and is non-empty it raises
+    ``ConversionError`` naming it and telling to pass ``--overwrite`` (nothing is touched); with
+    ``overwrite=True`` the folder is removed first. ``channel_names`` e.g. ``{0: 'MRI'}``;
+    ``labels`` e.g. ``{'background': 0, 'LA': 1}`` (nnU-Net dataset.json conventions).
+    ``dataset_json_extra`` (description, reference, licence, release, citation, ...) goes into
+    dataset.json unchanged.
+
+    Writing cases (``case`` is the nnU-Net case id, e.g. ``hippocampus_001``):
+
+    - ``add_labeled(case, image, label, spacing=None, origin=None, direction=None, axes='xyz')``
+      -> imagesTr/CASE_0000 + labelsTr/CASE
+    - ``add_unlabeled(case, image, label=None, ...)`` -> imagesUnlabeled/CASE_0000; a label that
+      exists but is withheld goes to labelsWithheld/CASE
+    - ``add_heldout(case, image, label=None, group='test'|'val', ...)`` -> imagesTs/labelsTs
+      (the split's ``val`` and ``test`` groups both live there; ``group`` only records which)
+
+    Image and label arguments:
+
+    - ``image``: a numpy array (one channel), a ``SimpleITK.Image``, or a list of either, one per
+      channel (in ``channel_names`` order).
+    - ``label``: a numpy array or a ``SimpleITK.Image``; integral values only (float labels are
+      cast to uint8/uint16 after checking they are integral, see :func:`as_label_array`).
+    - **Axis convention for numpy arrays**: ``axes='xyz'`` (default) means ``array[x, y, z]``, as
+      nibabel, pynrrd (default C/F handling gives x,y,z) and the UA-MT h5 files store them;
+      ``axes='zyx'`` means ``array[z, y, x]``, as ``SimpleITK.GetArrayFromImage`` and the SSL4MIS
+      h5 volumes store them. ``spacing``, ``origin`` are ALWAYS given in (x, y, z) order (mm),
+      ``direction`` as SimpleITK's row-major 9-tuple. A numpy image needs ``spacing``; for a
+      ``SimpleITK.Image`` the geometry is taken from the image unless given.
+    - Checks (each raises ``ConversionError`` naming the case): channel/label shape mismatch,
+      spacing mismatch, label values outside ``labels``, non-integral label values, non-3D data,
+      NaN/inf in the image, a case written twice.
+
+    Reporting:
+
+    - ``report_missing(case, path)`` prints ONE line
+      ``skipped <case>: not found at <path> (withheld from this copy?)`` and counts it.
+    - ``report_skipped(case, reason)`` prints ``skipped <case>: <reason>`` and counts it (e.g. a
+      label without image).
+    - ``report_note(case, text)`` prints ``note <case>: <text>`` (not counted).
+    - ``progress(iterable, desc, total=None)``: tqdm progress bar on stderr.
+
+    ``finish(split, standard_splits=None) -> str``
+        Checks that the split's groups equal what was written (labeled == imagesTr cases,
+        unlabeled == imagesUnlabeled cases, test+val == imagesTs cases with the right group),
+        writes dataset.json with ``nnunetv2.dataset_conversion.generate_dataset_json`` (numTraining
+        = number of labeled cases), ``splits_semi.json`` (the active setting) and
+        ``splits_standard/<setting>.json`` for every entry of ``standard_splits`` (keys are file
+        name safe setting names such as ``8_labeled``; each must cover exactly the same training
+        and held-out cases), prints a summary and returns the dataset folder.
+
+    Attributes after writing: ``folder``, ``labeled``, ``unlabeled``, ``test``, ``val`` (case lists
+    in write order), ``withheld`` (unlabeled cases whose label went to labelsWithheld),
+    ``missing`` and ``skipped`` (lists of ``(case, text)``).
+
+Helpers
+    - ``read_sitk(path, case)``: SimpleITK read; an unreadable file raises ``ConversionError``
+      naming case and path.
+    - ``as_label_array(arr, case, where)``: checks integral values and casts to uint8 (uint16 if
+      needed).
+    - ``restrict_split(split, present)``: the split with every case not in ``present`` dropped
+      (for copies of a dataset where listed cases are withheld); the number dropped is appended
+      to its notes.
+    - ``read_list(path)``: non-empty, stripped lines of a list file.
+    - ``make_parser(description, default_dataset_id, default_labeled, labeled_help, input_help)``:
+      argparse with ``-i/--input`` (required), ``-d/--dataset-id``, ``--labeled N``,
+      ``--overwrite``, ``-o/--output-root``; add dataset-specific options to it.
+    - ``parse_args(parser, argv=None)``: parses and resolves ``args.output_root`` (``-o`` or
+      ``$nnUNet_raw``; a clear parser error if neither is set).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from nnunet_semi.layout import (IMAGES_TR, IMAGES_TS, IMAGES_UNLABELED, LABELS_TR, LABELS_TS,
+                                LABELS_WITHHELD, LayoutError, SemiSplit, dataset_folder_name,
+                                image_filename, label_filename, save_standard_split)
+
+ArrayOrImage = Union[np.ndarray, sitk.Image]
+
+
+class ConversionError(RuntimeError):
+    """Bad input to a converter. The message names the case / file and what to do."""
+
+
+def _say(msg: str) -> None:
+    try:
+        from tqdm import tqdm
+        tqdm.write(msg, file=sys.stdout)
+    except ImportError:  # pragma: no cover
+        print(msg)
+    sys.stdout.flush()
+
+
+def read_sitk(path: str, case: str) -> sitk.Image:
+    """Read an image with SimpleITK; any failure raises ConversionError naming the case and file."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"case {case}: file {path} does not exist.")
+    try:
+        return sitk.ReadImage(path)
+    except Exception as e:  # SimpleITK raises RuntimeError with a long C++ message
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"case {case}: cannot read {path} ({first}). Is the file complete?") from e
+
+
+def as_label_array(arr: np.ndarray, case: str, where: str = "label") -> np.ndarray:
+    """Integral check + cast to uint8 (uint16 if values exceed 255). Raises naming the case."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind == "b":
+        return arr.astype(np.uint8)
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)):
+            raise ConversionError(f"case {case}: {where} contains NaN/inf values.")
+        if not np.all(arr == np.round(arr)):
+            bad = arr[arr != np.round(arr)]
+            raise ConversionError(f"case {case}: {where} is stored as {arr.dtype} with non-integral values "
+                                  f"(e.g. {bad.flat[0]!r}); a label map must hold class indices.")
+    elif arr.dtype.kind not in "iu":
+        raise ConversionError(f"case {case}: {where} has unsupported dtype {arr.dtype}.")
+    if arr.size and (arr.min() < 0):
+        raise ConversionError(f"case {case}: {where} has negative values (min {arr.min()}).")
+    mx = arr.max() if arr.size else 0
+    return arr.astype(np.uint8 if mx <= 255 else np.uint16)
+
+
+def read_list(path: str) -> List[str]:
+    with open(path) as f:
+        return [ln.strip() for ln in f if ln.strip()]
+
+
+def restrict_split(split: SemiSplit, present: Iterable[str]) -> SemiSplit:
+    """The split with the cases that are not in ``present`` dropped (order kept)."""
+    present = set(present)
+    groups = {k: [c for c in getattr(split, k) if c in present] for k in ("labeled", "unlabeled", "test", "val")}
+    dropped = sum(len(getattr(split, k)) - len(v) for k, v in groups.items())
+    notes = split.notes
+    if dropped:
+        notes = (notes + " " if notes else "") + f"[{dropped} listed case(s) absent from the converted copy were left out]"
+    return SemiSplit(setting=split.setting, seed=split.seed, notes=notes, **groups)
+
+
+def _to_sitk(arr_or_img: ArrayOrImage, case: str, what: str, axes: str, spacing, origin, direction) -> sitk.Image:
+    if isinstance(arr_or_img, sitk.Image):
+        img = arr_or_img
+        if img.GetDimension() != 3:
+            raise ConversionError(f"case {case}: {what} is {img.GetDimension()}D; 3D volumes are expected.")
+        if img.GetNumberOfComponentsPerPixel() != 1:
+            raise ConversionError(f"case {case}: {what} has {img.GetNumberOfComponentsPerPixel()} components per "
+                                  f"voxel; pass one image per channel.")
+        if spacing is not None:
+            img = sitk.Image(img)
+            img.SetSpacing([float(s) for s in spacing])
+        if origin is not None:
+            img.SetOrigin([float(o) for o in origin])
+        if direction is not None:
+            img.SetDirection([float(d) for d in direction])
+        return img
+    arr = np.asarray(arr_or_img)
+    if arr.ndim != 3:
+        raise ConversionError(f"case {case}: {what} has shape {arr.shape}; 3D volumes are expected.")
+    if axes == "xyz":
+        arr = np.transpose(arr, (2, 1, 0))
+    elif axes != "zyx":
+        raise ValueError(f"axes must be 'xyz' or 'zyx', not {axes!r}")
+    if arr.dtype == np.float64:
+        arr = arr.astype(np.float32)
+    elif arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+    if spacing is None:
+        raise ConversionError(f"case {case}: no spacing given for the numpy {what}.")
+    if len(spacing) != 3 or not all(float(s) > 0 for s in spacing):
+        raise ConversionError(f"case {case}: invalid spacing {tuple(spacing)} for {what}.")
+    img.SetSpacing([float(s) for s in spacing])
+    if origin is not None:
+        img.SetOrigin([float(o) for o in origin])
+    if direction is not None:
+        img.SetDirection([float(d) for d in direction])
+    return img
+
+
+def _allowed_label_values(labels: dict) -> set:
+    vals = set()
+    for v in labels.values():
+        if isinstance(v, (list, tuple)):
+            vals.update(int(i) for i in v)
+        else:
+            vals.add(int(v))
+    return vals
+
+
+class RawDatasetWriter:
+    """Writes one semi-supervised raw dataset; see the module docstring for the API."""
+
+    def __init__(self, out_root: str, dataset_id: int, name: str, channel_names: dict, labels: dict,
+                 file_ending: str = ".nii.gz", overwrite: bool = False, **dataset_json_extra):
+        if not out_root:
+            raise ConversionError("no output root: pass -o/--output-root or set $nnUNet_raw.")
+        self.out_root = os.path.abspath(out_root)
+        self.dataset_id = int(dataset_id)
+        self.name = name
+        self.channel_names = {int(k): str(v) for k, v in channel_names.items()}
+        self.labels = dict(labels)
+        self.file_ending = file_ending
+        self.dataset_json_extra = dataset_json_extra
+        self._allowed = _allowed_label_values(self.labels)
+        self.folder = os.path.join(self.out_root, dataset_folder_name(self.dataset_id, name))
+        if os.path.isdir(self.folder) and os.listdir(self.folder):
+            if not overwrite:
+                raise ConversionError(f"{self.folder} exists and is not empty; nothing was written. "
+                                      f"Pass --overwrite to delete and rewrite it, or choose another -d/--dataset-id.")
+            shutil.rmtree(self.folder)
+        elif os.path.exists(self.folder) and not os.path.isdir(self.folder):
+            raise ConversionError(f"{self.folder} exists and is not a folder; remove it or choose another dataset id.")
+        # other DatasetXXX_* folders with the same id would make nnU-Net's id lookup ambiguous
+        if os.path.isdir(self.out_root):
+            prefix = f"Dataset{self.dataset_id:03d}_"
+            clash = [d for d in os.listdir(self.out_root)
+                     if d.startswith(prefix) and d != os.path.basename(self.folder)]
+            if clash:
+                raise ConversionError(f"{os.path.join(self.out_root, clash[0])} already uses dataset id "
+                                      f"{self.dataset_id}; nnU-Net needs unique ids. Pass another -d/--dataset-id.")
+        for sub in (IMAGES_TR, LABELS_TR):
+            os.makedirs(os.path.join(self.folder, sub), exist_ok=True)
+        self.labeled: List[str] = []
+        self.unlabeled: List[str] = []
+        self.withheld: List[str] = []
+        self.test: List[str] = []
+        self.val: List[str] = []
+        self.missing: List[Tuple[str, str]] = []
+        self.skipped: List[Tuple[str, str]] = []
+        self._written: Dict[str, str] = {}
+
+    # ----------------------------------------------------------------------------- reporting
+    def report_missing(self, case: str, path: str) -> None:
+        msg = f"skipped {case}: not found at {path} (withheld from this copy?)"
+        self.missing.append((case, msg))
+        _say(msg)
+
+    def report_skipped(self, case: str, reason: str) -> None:
+        msg = f"skipped {case}: {reason}"
+        self.skipped.append((case, msg))
+        _say(msg)
+
+    def report_note(self, case: str, text: str) -> None:
+        """An informational line about a case that is converted (e.g. a dtype cast)."""
+        _say(f"note {case}: {text}")
+
+    @staticmethod
+    def progress(iterable: Iterable, desc: str, total: Optional[int] = None):
+        from tqdm import tqdm
+        return tqdm(iterable, desc=desc, total=total, file=sys.stderr, mininterval=1.0)
+
+    # ----------------------------------------------------------------------------- writing
+    def _prepare(self, case: str, image, label, spacing, origin, direction, axes):
+        if case in self._written:
+            raise ConversionError(f"case {case}: written twice (already in {self._written[case]}).")
+        if "/" in case or case.startswith("."):
+            raise ConversionError(f"case {case}: not a valid case id.")
+        channels = list(image) if isinstance(image, (list, tuple)) else [image]
+        if len(channels) != len(self.channel_names):
+            raise ConversionError(f"case {case}: {len(channels)} channel(s) given, the dataset has "
+                                  f"{len(self.channel_names)} ({self.channel_names}).")
+        imgs = [_to_sitk(c, case, f"image channel {i}", axes, spacing, origin, direction)
+                for i, c in enumerate(channels)]
+        ref = imgs[0]
+        for i, im in enumerate(imgs):
+            arr = sitk.GetArrayViewFromImage(im)
+            if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                raise ConversionError(f"case {case}: image channel {i} contains NaN/inf values.")
+            if i and im.GetSize() != ref.GetSize():
+                raise ConversionError(f"case {case}: channel {i} has size {im.GetSize()} but channel 0 has "
+                                      f"{ref.GetSize()} (x,y,z).")
+            if i and not np.allclose(im.GetSpacing(), ref.GetSpacing(), rtol=1e-4, atol=1e-5):
+                raise ConversionError(f"case {case}: channel {i} spacing {im.GetSpacing()} differs from channel 0 "
+                                      f"spacing {ref.GetSpacing()}.")
+        lab = None
+        if label is not None:
+            if isinstance(label, sitk.Image):
+                if label.GetDimension() != 3:
+                    raise ConversionError(f"case {case}: label is {label.GetDimension()}D; 3D expected.")
+                if label.GetSize() != ref.GetSize():
+                    raise ConversionError(f"case {case}: label size {label.GetSize()} differs from image size "
+                                          f"{ref.GetSize()} (x,y,z).")
+                if not np.allclose(label.GetSpacing(), ref.GetSpacing(), rtol=1e-4, atol=1e-5):
+                    raise ConversionError(f"case {case}: label spacing {label.GetSpacing()} differs from image "
+                                          f"spacing {ref.GetSpacing()}.")
+                larr = sitk.GetArrayFromImage(label)  # z,y,x
+            else:
+                larr = np.asarray(label)
+                if larr.ndim != 3:
+                    raise ConversionError(f"case {case}: label has shape {larr.shape}; 3D expected.")
+                if axes == "xyz":
+                    larr = np.transpose(larr, (2, 1, 0))
+                img_zyx = tuple(reversed(ref.GetSize()))
+                if larr.shape != img_zyx:
+                    shown = tuple(reversed(larr.shape)) if axes == "xyz" else larr.shape
+                    want = ref.GetSize() if axes == "xyz" else img_zyx
+                    raise ConversionError(f"case {case}: label shape {shown} differs from image shape {want} "
+                                          f"(axes {axes}).")
+            larr = as_label_array(larr, case)
+            present = set(np.unique(larr).tolist())
+            bad = sorted(present - self._allowed)
+            if bad:
+                raise ConversionError(f"case {case}: label values {bad} are not in the dataset's label map "
+                                      f"{self.labels}.")
+            lab = sitk.GetImageFromArray(np.ascontiguousarray(larr))
+            lab.CopyInformation(ref)
+        return imgs, lab
+
+    def _write(self, case, imgs, lab, img_dir, lab_dir, where):
+        os.makedirs(os.path.join(self.folder, img_dir), exist_ok=True)
+        for i, im in enumerate(imgs):
+            sitk.WriteImage(im, os.path.join(self.folder, img_dir, image_filename(case, i, self.file_ending)),
+                            useCompression=True)
+        if lab is not None:
+            os.makedirs(os.path.join(self.folder, lab_dir), exist_ok=True)
+            sitk.WriteImage(lab, os.path.join(self.folder, lab_dir, label_filename(case, self.file_ending)),
+                            useCompression=True)
+        self._written[case] = where
+
+    def add_labeled(self, case: str, image, label, spacing: Optional[Sequence[float]] = None,
+                    origin=None, direction=None, axes: str = "xyz") -> None:
+        if label is None:
+            raise ConversionError(f"case {case}: a labeled case needs a label.")
+        imgs, lab = self._prepare(case, image, label, spacing, origin, direction, axes)
+        self._write(case, imgs, lab, IMAGES_TR, LABELS_TR, "labeled")
+        self.labeled.append(case)
+
+    def add_unlabeled(self, case: str, image, label=None, spacing: Optional[Sequence[float]] = None,
+                      origin=None, direction=None, axes: str = "xyz") -> None:
+        imgs, lab = self._prepare(case, image, label, spacing, origin, direction, axes)
+        self._write(case, imgs, lab, IMAGES_UNLABELED, LABELS_WITHHELD, "unlabeled")
+        self.unlabeled.append(case)
+        if lab is not None:
+            self.withheld.append(case)
+
+    def add_heldout(self, case: str, image, label=None, group: str = "test",
+                    spacing: Optional[Sequence[float]] = None, origin=None, direction=None,
+                    axes: str = "xyz") -> None:
+        if group not in ("test", "val"):
+            raise ValueError(f"group must be 'test' or 'val', not {group!r}")
+        imgs, lab = self._prepare(case, image, label, spacing, origin, direction, axes)
+        self._write(case, imgs, lab, IMAGES_TS, LABELS_TS, group)
+        (self.test if group == "test" else self.val).append(case)
+
+    # ----------------------------------------------------------------------------- finishing
+    def _check_split(self, split: SemiSplit, what: str, active: bool) -> None:
+        try:
+            split.check_disjoint(what)
+        except LayoutError as e:
+            raise ConversionError(str(e)) from e
+        train_written = set(self.labeled) | set(self.unlabeled)
+        if active:
+            pairs = [("labeled", split.labeled, self.labeled), ("unlabeled", split.unlabeled, self.unlabeled)]
+        else:
+            pairs = [("labeled+unlabeled", list(split.labeled) + list(split.unlabeled), sorted(train_written))]
+        pairs += [("test", split.test, self.test), ("val", split.val, self.val)]
+        for name, listed, written in pairs:
+            if set(listed) != set(written):
+                extra = sorted(set(listed) - set(written))
+                lacking = sorted(set(written) - set(listed))
+                raise ConversionError(
+                    f"{what}: group '{name}' does not match the written cases"
+                    + (f"; listed but not written: {extra[:5]}" if extra else "")
+                    + (f"; written but not listed: {lacking[:5]}" if lacking else "")
+                    + ". (Converter bug: build the split from the cases actually written, e.g. restrict_split.)")
+
+    def finish(self, split: SemiSplit, standard_splits: Optional[Dict[str, SemiSplit]] = None) -> str:
+        from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+        self._check_split(split, "splits_semi.json", active=True)
+        for setting, s in (standard_splits or {}).items():
+            self._check_split(s, f"splits_standard/{setting}.json", active=False)
+        if not self.labeled:
+            raise ConversionError(f"{self.folder}: no labeled case was written; nnU-Net needs at least one.")
+        extra = dict(self.dataset_json_extra)
+        extra.setdefault("converted_by", "nnunet_semi.conversion")
+        extra.setdefault("license", "see the source dataset's licence")
+        generate_dataset_json(self.folder, {str(k): v for k, v in self.channel_names.items()}, dict(self.labels),
+                              num_training_cases=len(self.labeled), file_ending=self.file_ending,
+                              dataset_name=dataset_folder_name(self.dataset_id, self.name), **extra)
+        split.save(self.folder)
+        for setting, s in (standard_splits or {}).items():
+            try:
+                save_standard_split(self.folder, setting, s)
+            except LayoutError as e:
+                raise ConversionError(str(e)) from e
+        lines = [f"wrote {self.folder}",
+                 f"  setting: {split.setting or '-'}" + (f" (seed {split.seed})" if split.seed is not None else ""),
+                 f"  labeled   (imagesTr/labelsTr):                {len(self.labeled)}",
+                 f"  unlabeled (imagesUnlabeled):                  {len(self.unlabeled)}"
+                 f" ({len(self.withheld)} with label in {LABELS_WITHHELD}/)",
+                 f"  held out  (imagesTs/labelsTs): test {len(self.test)}, val {len(self.val)}"]
+        if standard_splits:
+            lines.append(f"  standard splits: {', '.join(sorted(standard_splits))}")
+        lines.append(f"  skipped: {len(self.missing)} missing (listed but absent), {len(self.skipped)} other")
+        _say("\n".join(lines))
+        return self.folder
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+def make_parser(description: str, default_dataset_id: int, default_labeled: Optional[int],
+                labeled_help: str = "number of labeled training cases", input_help: str = "input folder",
+                labeled_choices: Optional[Sequence[int]] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-i", "--input", required=True, help=input_help)
+    p.add_argument("-d", "--dataset-id", type=int, default=default_dataset_id,
+                   help=f"nnU-Net dataset id (default {default_dataset_id})")
+    p.add_argument("--labeled", type=int, default=default_labeled, choices=labeled_choices,
+                   help=f"{labeled_help} (default {default_labeled})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete and rewrite the dataset folder if it exists (default: refuse)")
+    p.add_argument("-o", "--output-root", default=None,
+                   help="folder that receives DatasetXXX_Name/ (default: $nnUNet_raw)")
+    return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if not args.output_root:
+        args.output_root = os.environ.get("nnUNet_raw")
+        if not args.output_root:
+            parser.error("no output folder: pass -o/--output-root or set the nnUNet_raw environment variable")
+    if not os.path.exists(args.input):
+        parser.error(f"input {args.input} does not exist")
+    return args
+
+
+def run_main(fn, argv=None) -> int:
+    """Call ``fn(argv)``; a ConversionError becomes one 'error: ...' line on stderr and exit code 1."""
+    try:
+        fn(argv)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

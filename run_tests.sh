@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs nnunet-semi with its test dependencies (nnunetv2 and torch come from PyPI) and runs the whole
+# test suite on CPU: unit tests, converters on ../shared/data, and end-to-end runs of nnU-Net's commands.
+set -euo pipefail
+cd "$(dirname "$0")"
+python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
+export MPLBACKEND=Agg
+exec python3 -m pytest -q -rs "$@" tests

@@ -1,0 +1,124 @@
+"""End to end through nnU-Net's own commands: plan/preprocess, unlabeled preprocessing, nnUNetv2_train
+(2d and 3d_fullres, -device cpu), nnUNetv2_predict, --c and --val, with an audit that no withheld label
+is ever read."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import DATASET_ID, predict, train, withheld_reads
+from e2e_util import atime_changed, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def mt3d(prepared):
+    return train(prepared, "MeanTeacherTrainer", "3d_fullres")
+
+
+def _predictions_ok(out_dir, prepared):
+    cases = sorted(f for f in os.listdir(os.path.join(prepared.raw, "imagesTs")))
+    preds = sorted(f for f in os.listdir(out_dir) if f.endswith(".nii.gz"))
+    assert preds == [c.replace("_0000", "") for c in cases]
+    for p in preds:
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out_dir, p)))
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(prepared.raw, "labelsTs", p)))
+        assert seg.shape == ref.shape
+        assert set(np.unique(seg)) <= {0, 1, 2}
+
+
+def test_meanteacher_3d_trains_with_unlabeled_data(mt3d, prepared):
+    ckpt = torch.load(os.path.join(mt3d, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == "MeanTeacherTrainer"
+    assert ckpt["current_epoch"] == 2
+    state = ckpt["nnunet_semi"]
+    assert set(state["teacher_weights"]) == set(ckpt["network_weights"])
+    assert state["hparams"]["ema_decay"] == 0.99
+    # the teacher is an average, not a copy, of the student
+    k = next(k for k in ckpt["network_weights"] if k.endswith("weight"))
+    assert not torch.equal(state["teacher_weights"][k], ckpt["network_weights"][k])
+    logging = ckpt["logging"]
+    for key in ("loss_sup", "loss_unsup", "pl_confidence", "mask_ratio", "unsup_weight_factor"):
+        assert len(logging[key]) == 2 and all(np.isfinite(logging[key])), key
+    assert 0 < logging["pl_confidence"][-1] <= 1
+    # the ramp-up grows
+    assert logging["unsup_weight_factor"][0] < logging["unsup_weight_factor"][1]
+    assert os.path.isfile(os.path.join(mt3d, "progress.png"))
+    from PIL import Image
+    assert Image.open(os.path.join(mt3d, "progress.png")).height > 5400  # nnU-Net's 3 panels + the SSL panel
+    log = open(next(os.path.join(mt3d, f) for f in os.listdir(mt3d) if f.startswith("training_log"))).read()
+    assert "6 unlabeled cases" in log and "unlabeled data wait" in log
+    assert os.path.isfile(os.path.join(mt3d, "validation", "summary.json"))
+
+
+def test_meanteacher_3d_predict(mt3d, prepared):
+    _predictions_ok(predict(prepared, "MeanTeacherTrainer", "3d_fullres"), prepared)
+
+
+def test_meanteacher_3d_resume_restores_teacher_and_epoch(mt3d, prepared):
+    final = os.path.join(mt3d, "checkpoint_final.pth")
+    saved = torch.load(final, map_location="cpu", weights_only=False)
+    # a fresh trainer that loads the checkpoint gets the saved teacher back (not a copy of the student)
+    script = f"""
+import json, torch, sys
+sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
+from nnunet_semi.methods.mean_teacher import MeanTeacherTrainer
+pre = {prepared.pre!r}
+plans = json.load(open(pre + '/nnUNetPlans.json')); plans['continue_training'] = True
+t = MeanTeacherTrainer(plans, '3d_fullres', 0, json.load(open(pre + '/dataset.json')), torch.device('cpu'))
+t.load_checkpoint({final!r})
+ck = torch.load({final!r}, map_location='cpu', weights_only=False)
+same_teacher = all(torch.equal(v, ck['nnunet_semi']['teacher_weights'][k]) for k, v in t.teacher.state_dict().items())
+differs_from_student = any(not torch.equal(v, t.network.state_dict()[k]) for k, v in t.teacher.state_dict().items())
+print('RESULT', json.dumps(dict(epoch=t.current_epoch, same_teacher=same_teacher, differs=differs_from_student)))
+"""
+    p = run([sys.executable, "-c", script], prepared.env)
+    res = json.loads(p.stdout.split("RESULT", 1)[1])
+    assert res == {"epoch": 2, "same_teacher": True, "differs": True}
+
+    folder = train(prepared, "MeanTeacherTrainer", "3d_fullres", epochs=3, extra=("--c",))
+    log = open(os.path.join(prepared.root, "train_MeanTeacherTrainer_3d_fullres--c.log")).read()
+    assert "Epoch 2" in log and "Epoch 0\n" not in log and "Epoch 1\n" not in log
+    resumed = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    assert resumed["current_epoch"] == 3
+    assert len(resumed["logging"]["loss_unsup"]) == 3
+    # the teacher continued from the saved one: one more epoch of EMA moved it only a little
+    k = next(k for k in saved["nnunet_semi"]["teacher_weights"] if k.endswith("weight"))
+    t0, t1 = saved["nnunet_semi"]["teacher_weights"][k], resumed["nnunet_semi"]["teacher_weights"][k]
+    assert not torch.equal(t0, t1)
+
+    # --val re-runs the final validation from checkpoint_final
+    os.remove(os.path.join(folder, "validation", "summary.json"))
+    train(prepared, "MeanTeacherTrainer", "3d_fullres", epochs=3, extra=("--val",))
+    assert os.path.isfile(os.path.join(folder, "validation", "summary.json"))
+
+
+def test_meanteacher_2d_train_and_predict(prepared):
+    folder = train(prepared, "MeanTeacherTrainer_exportTeacher", "2d", iters=4)
+    ckpt = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    # the teacher is exported: network_weights hold it, the student is kept apart for --c
+    state = ckpt["nnunet_semi"]
+    k = next(iter(ckpt["network_weights"]))
+    assert torch.equal(ckpt["network_weights"][k], state["teacher_weights"][k])
+    assert "student_weights" in state
+    _predictions_ok(predict(prepared, "MeanTeacherTrainer_exportTeacher", "2d"), prepared)
+
+
+def test_zz_no_withheld_label_was_read(prepared):
+    """Runs after the trainings above (pytest keeps file order): no process of planning, preprocessing,
+    training, validation or prediction opened a withheld label, neither through Python (audit hook) nor
+    through C++ readers (access times)."""
+    assert withheld_reads(prepared) == []
+    # positive control: reading a file does update its access time on this file system, and the audit hook
+    # sees Python-level opens in a subprocess
+    sitk.ReadImage(prepared.control)
+    if not atime_changed([prepared.control]):
+        pytest.skip("this file system does not update access times; only the Python-level audit applied")
+    run([sys.executable, "-c", f"open({prepared.watched[0]!r}, 'rb').read(1)"], prepared.env)
+    assert withheld_reads(prepared) != []
