@@ -32,7 +32,8 @@ def clone(prepared, with_labeled_preprocessed=False):
     if with_labeled_preprocessed:
         for d in ("nnUNetPlans_3d_fullres", "gt_segmentations"):
             shutil.copytree(os.path.join(prepared.pre, d), os.path.join(pre, d))
-        shutil.copy(os.path.join(prepared.pre, "splits_final.json"), pre)
+        if os.path.isfile(os.path.join(prepared.pre, "splits_final.json")):
+            shutil.copy(os.path.join(prepared.pre, "splits_final.json"), pre)
     return name, raw, pre
 
 

@@ -220,6 +220,64 @@ def test_checks_name_the_case(tmp_path):
         w.finish(SemiSplit(labeled=["ok"], unlabeled=["ghost"]))
 
 
+def test_case_helpers(tmp_path, capsys):
+    """The per-case machinery shared by the name-based converters (Synapse, MM-WHS, Pancreas-CT)."""
+    from nnunet_semi.conversion.common import (find_input_folder, make_parser, nifti_path, parse_args, split_groups,
+                                               warn_absent_labeled, write_cases)
+    src = tmp_path / "src"
+    (src / "img").mkdir(parents=True)
+    (src / "lab").mkdir()
+    # nifti_path: .nii.gz first, .nii when only that exists, else the .nii.gz name
+    write_nii(str(src / "img" / "a.nii"), np.zeros((4, 5, 6), np.float32))
+    assert nifti_path(str(src / "img"), "a") == str(src / "img" / "a.nii")
+    assert nifti_path(str(src / "img"), "b") == str(src / "img" / "b.nii.gz")
+    # find_input_folder: candidates relative to the root or absolute, the first folder wins
+    assert find_input_folder(str(src), ["nope", "lab", "img"], "x") == str(src / "lab")
+    assert find_input_folder("/elsewhere", [str(src / "img")], "x") == str(src / "img")
+    with pytest.raises(ConversionError, match=r"^none of nope, nah under .*src \(first: .*src/nope\)$"):
+        find_input_folder(str(src), ["nope", "nah"], "none of {candidates} under {root} (first: {path})")
+
+    split = SemiSplit(labeled=["l1", "l2"], unlabeled=["u1", "u2"], test=["t1"], val=["v1"], setting="s")
+    assert split_groups(split) == [("l1", "labeled"), ("l2", "labeled"), ("u1", "unlabeled"), ("u2", "unlabeled"),
+                                   ("v1", "val"), ("t1", "test")]
+    img = np.zeros((4, 5, 6), np.float32)
+    for case in ("l1", "l2", "u1", "u2", "v1"):
+        write_nii(str(src / "img" / f"{case}.nii.gz"), img)
+    for case in ("l1", "u2", "t1"):
+        write_nii(str(src / "lab" / f"{case}.nii.gz"), np.ones((4, 5, 6), np.uint8))
+    w = RawDatasetWriter(str(tmp_path / "raw"), 989, "Helpers", {0: "MRI"}, {"background": 0, "a": 1})
+    capsys.readouterr()
+    written = write_cases(w, split, lambda c: (nifti_path(str(src / "img"), c), nifti_path(str(src / "lab"), c)))
+    out = capsys.readouterr().out.splitlines()
+    assert written == ["l1", "u1", "u2"]
+    assert (w.labeled, w.unlabeled, w.withheld, w.val, w.test) == (["l1"], ["u1", "u2"], ["u2"], [], [])
+    # a labeled / held-out case without label and a case without image: one 'skipped' line each
+    assert [c for c, _ in w.missing] == ["l2", "v1", "t1"]
+    assert f"skipped l2: not found at {src / 'lab' / 'l2.nii.gz'} (withheld from this copy?)" in out
+    assert f"skipped t1: not found at {src / 'img' / 't1.nii.gz'} (withheld from this copy?)" in out
+    assert f"note u1: no label at {src / 'lab' / 'u1.nii.gz'}; written as unlabeled without a withheld label" in out
+    assert warn_absent_labeled(split, w.labeled) == ["l2"]
+    assert capsys.readouterr().out == ("WARNING: 1 labeled case(s) of setting s are absent (l2); the labeled set is "
+                                       "NOT the standard one.\n")
+    assert warn_absent_labeled(split, ["l1", "l2"]) == [] and capsys.readouterr().out == ""
+    # add_case dispatches by group
+    w.add_case("v2", "val", img, np.zeros((4, 5, 6), np.uint8), spacing=(1, 1, 1))
+    w.add_case("t2", "test", img, spacing=(1, 1, 1))
+    assert w.val == ["v2"] and w.test == ["t2"] and os.path.isfile(os.path.join(w.folder, "labelsTs", "v2.nii.gz"))
+    with pytest.raises(ValueError, match="group must be one of"):
+        w.add_case("x", "train", img, spacing=(1, 1, 1))
+
+    # make_parser(labeled=False): no --labeled in the help, args.labeled None, giving it is one parser error
+    p = make_parser("demo", 1, labeled=False, labeled_error="--labeled is set by --ratio here")
+    assert "--labeled" not in p.format_help()
+    args = parse_args(p, ["-i", str(src), "-o", str(tmp_path)])
+    assert args.labeled is None and not hasattr(args, "_labeled_error")
+    with pytest.raises(SystemExit) as e:
+        parse_args(p, ["-i", str(src), "-o", str(tmp_path), "--labeled", "3"])
+    assert e.value.code == 2 and "--labeled is set by --ratio here" in capsys.readouterr().err
+    assert parse_args(make_parser("demo", 1, 5), ["-i", str(src), "-o", str(tmp_path)]).labeled == 5
+
+
 def test_msd_shape_mismatch_is_an_error(tmp_path):
     src = make_msd(str(tmp_path / "in"), n_train=3, n_test=0, listed_absent=())
     write_nii(os.path.join(src, "labelsTr", "hippocampus_002.nii.gz"), np.zeros((6, 7, 4), np.uint8))

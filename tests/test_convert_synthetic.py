@@ -439,3 +439,9 @@ def test_help(module, capsys):
         module.main(["--help"])
     out = capsys.readouterr().out
     assert exc.value.code == 0 and "--overwrite" in out and "--dataset-id" in out and "Accepted input" in out
+
+
+def test_mnms_refuses_labeled(tmp_path, capsys):
+    code, _, err = run(mnms, ["-i", tmp_path, "-o", tmp_path / "raw", "--target", "A", "--labeled", 3], capsys)
+    assert code == 2 and "--labeled does not apply to M&Ms: the labeled subjects are set by --ratio (and --seed)" in err
+    assert not os.path.exists(tmp_path / "raw")

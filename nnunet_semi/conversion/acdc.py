@@ -332,14 +332,9 @@ def convert(argv=None) -> str:
             geo = {}
             nz = image.GetSize()[2]
         slices_per_patient[patient_of(case)] = slices_per_patient.get(patient_of(case), 0) + nz
-        if role == "labeled":
-            if label is None:
-                raise ConversionError(f"case {case}: labeled case without label ({src.where(case)}).")
-            writer.add_labeled(case, image, label, **geo)
-        elif role == "unlabeled":
-            writer.add_unlabeled(case, image, label, **geo)
-        else:
-            writer.add_heldout(case, image, label, group=role, **geo)
+        if role == "labeled" and label is None:
+            raise ConversionError(f"case {case}: labeled case without label ({src.where(case)}).")
+        writer.add_case(case, role, image, label, **geo)
         present.append(case)
     for p, n in KNOWN_SLICE_COUNTS.items():
         both = [f"patient{p}_frame01", f"patient{p}_frame02"]

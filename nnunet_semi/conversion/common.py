@@ -27,6 +27,8 @@ overwrite=False, **dataset_json_extra)``
       exists but is withheld goes to labelsWithheld/CASE
     - ``add_heldout(case, image, label=None, group='test'|'val', ...)`` -> imagesTs/labelsTs
       (the split's ``val`` and ``test`` groups both live there; ``group`` only records which)
+    - ``add_case(case, group, image, label=None, **geometry)`` -> one of the three above, chosen by the
+      split group ``'labeled'``, ``'unlabeled'``, ``'test'`` or ``'val'``
 
     Image and label arguments:
 
@@ -75,9 +77,24 @@ Helpers
       (for copies of a dataset where listed cases are withheld); the number dropped is appended
       to its notes.
     - ``read_list(path)``: non-empty, stripped lines of a list file.
-    - ``make_parser(description, default_dataset_id, default_labeled, labeled_help, input_help)``:
-      argparse with ``-i/--input`` (required), ``-d/--dataset-id``, ``--labeled N``,
-      ``--overwrite``, ``-o/--output-root``; add dataset-specific options to it.
+    - ``split_groups(split)``: ``(case, group)`` pairs in the order labeled, unlabeled, val, test.
+    - ``find_input_folder(root, candidates, error)``: the first candidate folder (relative to ``root``
+      unless absolute) that exists, else ``ConversionError(error)`` (``{path}``, ``{root}``,
+      ``{candidates}`` are filled in).
+    - ``nifti_path(folder, stem)``: ``folder/stem.nii.gz``, or ``stem.nii`` when only that exists.
+    - ``write_cases(writer, split, locate, read=read_case_sitk, desc=...)``: the per-case loop of
+      converters that find each case's image and label file by name: ``locate(case) -> (image_path,
+      label_path)``; a missing image, or a missing label of a labeled/val/test case, is reported with
+      ``report_missing`` and skipped; an unlabeled case without label gets a note; the rest are read
+      (``read(case, image_path, label_path or None) -> (image, label)``) and written with ``add_case``.
+      Returns the cases written.
+    - ``warn_absent_labeled(split, written)``: one WARNING line when labeled cases of the split were not
+      written (the labeled set is then not the standard one).
+    - ``make_parser(description, default_dataset_id, default_labeled, labeled_help, input_help,
+      labeled_choices, labeled=True, labeled_error=...)``: argparse with ``-i/--input`` (required),
+      ``-d/--dataset-id``, ``--labeled N``, ``--overwrite``, ``-o/--output-root``; add
+      dataset-specific options to it. ``labeled=False`` (datasets whose labeled cases are set by
+      other options): ``--labeled`` is not shown and giving it is the parser error ``labeled_error``.
     - ``parse_args(parser, argv=None)``: parses and resolves ``args.output_root`` (``-o`` or
       ``$nnUNet_raw``; a clear parser error if neither is set).
 """
@@ -87,7 +104,7 @@ import argparse
 import os
 import shutil
 import sys
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -97,6 +114,8 @@ from nnunet_semi.layout import (IMAGES_TR, IMAGES_TS, IMAGES_UNLABELED, LABELS_T
                                 image_filename, label_filename, save_standard_split)
 
 ArrayOrImage = Union[np.ndarray, sitk.Image]
+#: the groups of a SemiSplit, in the order converters write them
+SPLIT_GROUPS = ("labeled", "unlabeled", "val", "test")
 
 
 class ConversionError(RuntimeError):
@@ -159,6 +178,56 @@ def restrict_split(split: SemiSplit, present: Iterable[str]) -> SemiSplit:
     return SemiSplit(setting=split.setting, seed=split.seed, notes=notes, **groups)
 
 
+def split_groups(split: SemiSplit) -> List[Tuple[str, str]]:
+    """``(case, group)`` for every case of ``split``: its labeled, unlabeled, val and test cases, in
+    that order (list order within a group). ``dict(split_groups(split))`` maps a case to its group."""
+    return [(case, group) for group in SPLIT_GROUPS for case in getattr(split, group)]
+
+
+def warn_absent_labeled(split: SemiSplit, written: Iterable[str]) -> List[str]:
+    """Print one WARNING line when labeled cases of ``split`` were not written (absent from this copy),
+    since the labeled set then is not the standard one; returns those cases (split order)."""
+    written = set(written)
+    absent = [c for c in split.labeled if c not in written]
+    if absent:
+        print(f"WARNING: {len(absent)} labeled case(s) of setting {split.setting} are absent ({', '.join(absent)}); "
+              f"the labeled set is NOT the standard one.")
+    return absent
+
+
+def find_input_folder(root: str, candidates: Sequence[str], error: str) -> str:
+    """The first of ``candidates`` that is a folder; each is taken relative to ``root`` unless absolute
+    (an explicit ``--images-dir``-style option is a one-element list). When none is a folder, raises
+    ``ConversionError(error.format(path=..., root=root, candidates=...))``: ``{path}`` is the first
+    candidate as resolved, ``{candidates}`` the candidates joined by ``', '``."""
+    paths = [c if os.path.isabs(c) else os.path.join(root, c) for c in candidates]
+    for path in paths:
+        if os.path.isdir(path):
+            return path
+    raise ConversionError(error.format(path=paths[0] if paths else root, root=root,
+                                       candidates=", ".join(candidates)))
+
+
+def nifti_path(folder: str, stem: str) -> str:
+    """``folder/stem.nii.gz``, or ``folder/stem.nii`` when only that exists (the .nii.gz path otherwise,
+    so that a missing file is reported under its usual name)."""
+    gz = os.path.join(folder, stem + ".nii.gz")
+    if not os.path.isfile(gz) and os.path.isfile(os.path.join(folder, stem + ".nii")):
+        return os.path.join(folder, stem + ".nii")
+    return gz
+
+
+def _set_geometry(img: sitk.Image, spacing, origin, direction) -> sitk.Image:
+    """Set (in place) whichever of spacing, origin, direction is not None; returns ``img``."""
+    if spacing is not None:
+        img.SetSpacing([float(s) for s in spacing])
+    if origin is not None:
+        img.SetOrigin([float(o) for o in origin])
+    if direction is not None:
+        img.SetDirection([float(d) for d in direction])
+    return img
+
+
 def _to_sitk(arr_or_img: ArrayOrImage, case: str, what: str, axes: str, spacing, origin, direction) -> sitk.Image:
     if isinstance(arr_or_img, sitk.Image):
         img = arr_or_img
@@ -167,14 +236,9 @@ def _to_sitk(arr_or_img: ArrayOrImage, case: str, what: str, axes: str, spacing,
         if img.GetNumberOfComponentsPerPixel() != 1:
             raise ConversionError(f"case {case}: {what} has {img.GetNumberOfComponentsPerPixel()} components per "
                                   f"voxel; pass one image per channel.")
-        if spacing is not None:
+        if spacing is not None:  # copy before changing the spacing (origin/direction alone: set in place)
             img = sitk.Image(img)
-            img.SetSpacing([float(s) for s in spacing])
-        if origin is not None:
-            img.SetOrigin([float(o) for o in origin])
-        if direction is not None:
-            img.SetDirection([float(d) for d in direction])
-        return img
+        return _set_geometry(img, spacing, origin, direction)
     arr = np.asarray(arr_or_img)
     if arr.ndim != 3:
         raise ConversionError(f"case {case}: {what} has shape {arr.shape}; 3D volumes are expected.")
@@ -191,12 +255,7 @@ def _to_sitk(arr_or_img: ArrayOrImage, case: str, what: str, axes: str, spacing,
         raise ConversionError(f"case {case}: no spacing given for the numpy {what}.")
     if len(spacing) != 3 or not all(float(s) > 0 for s in spacing):
         raise ConversionError(f"case {case}: invalid spacing {tuple(spacing)} for {what}.")
-    img.SetSpacing([float(s) for s in spacing])
-    if origin is not None:
-        img.SetOrigin([float(o) for o in origin])
-    if direction is not None:
-        img.SetDirection([float(d) for d in direction])
-    return img
+    return _set_geometry(img, spacing, origin, direction)
 
 
 def _allowed_label_values(labels: dict) -> set:
@@ -364,6 +423,19 @@ class RawDatasetWriter:
         self._write(case, imgs, lab, IMAGES_TS, LABELS_TS, group)
         (self.test if group == "test" else self.val).append(case)
 
+    def add_case(self, case: str, group: str, image, label=None, **geometry) -> None:
+        """Write ``case`` to the place of its split group: ``'labeled'`` -> :meth:`add_labeled`,
+        ``'unlabeled'`` -> :meth:`add_unlabeled`, ``'test'``/``'val'`` -> :meth:`add_heldout` with that
+        group. ``geometry``: ``spacing``, ``origin``, ``direction``, ``axes`` as for those methods."""
+        if group == "labeled":
+            self.add_labeled(case, image, label, **geometry)
+        elif group == "unlabeled":
+            self.add_unlabeled(case, image, label, **geometry)
+        elif group in ("test", "val"):
+            self.add_heldout(case, image, label, group=group, **geometry)
+        else:
+            raise ValueError(f"group must be one of {SPLIT_GROUPS}, not {group!r}")
+
     # ----------------------------------------------------------------------------- finishing
     def _check_split(self, split: SemiSplit, what: str, active: bool) -> None:
         try:
@@ -418,18 +490,61 @@ class RawDatasetWriter:
         return self.folder
 
 
+def read_case_sitk(case: str, image_path: str, label_path: Optional[str]) -> Tuple[sitk.Image, Optional[sitk.Image]]:
+    """Image and label (None when ``label_path`` is None) read with :func:`read_sitk`, image first."""
+    image = read_sitk(image_path, case)
+    return image, (read_sitk(label_path, case) if label_path is not None else None)
+
+
+def write_cases(writer: RawDatasetWriter, split: SemiSplit, locate: Callable[[str], Tuple[str, str]],
+                read: Callable[[str, str, Optional[str]], tuple] = read_case_sitk,
+                desc: str = "converting") -> List[str]:
+    """Write every case of ``split`` (order of :func:`split_groups`, with a progress bar ``desc``) to
+    its group's place; returns the cases written, in write order.
+
+    ``locate(case) -> (image_path, label_path)``. Per case: no image file -> ``report_missing`` of the
+    image path; no label file for a labeled, val or test case -> ``report_missing`` of the label path;
+    otherwise ``read(case, image_path, label_path or None) -> (image, label)`` (default: both with
+    :func:`read_sitk`), a note for an unlabeled case without label, then :meth:`RawDatasetWriter.add_case`.
+    """
+    written: List[str] = []
+    for case, group in writer.progress(split_groups(split), desc=desc):
+        img_path, lab_path = locate(case)
+        if not os.path.isfile(img_path):
+            writer.report_missing(case, img_path)
+            continue
+        has_label = os.path.isfile(lab_path)
+        if not has_label and group != "unlabeled":
+            writer.report_missing(case, lab_path)
+            continue
+        image, label = read(case, img_path, lab_path if has_label else None)
+        if group == "unlabeled" and label is None:
+            writer.report_note(case, f"no label at {lab_path}; written as unlabeled without a withheld label")
+        writer.add_case(case, group, image, label)
+        written.append(case)
+    return written
+
+
 # --------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------
-def make_parser(description: str, default_dataset_id: int, default_labeled: Optional[int],
+def make_parser(description: str, default_dataset_id: int, default_labeled: Optional[int] = None,
                 labeled_help: str = "number of labeled training cases", input_help: str = "input folder",
-                labeled_choices: Optional[Sequence[int]] = None) -> argparse.ArgumentParser:
+                labeled_choices: Optional[Sequence[int]] = None, labeled: bool = True,
+                labeled_error: str = "--labeled does not apply to this dataset") -> argparse.ArgumentParser:
+    """The common options (see the module docstring). ``labeled=False``: the dataset fixes its labeled
+    cases otherwise, so ``--labeled`` is left out of the help and usage, ``args.labeled`` is None, and
+    :func:`parse_args` stops with the parser error ``labeled_error`` if it is given anyway."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--input", required=True, help=input_help)
     p.add_argument("-d", "--dataset-id", type=int, default=default_dataset_id,
                    help=f"nnU-Net dataset id (default {default_dataset_id})")
-    p.add_argument("--labeled", type=int, default=default_labeled, choices=labeled_choices,
-                   help=f"{labeled_help} (default {default_labeled})")
+    if labeled:
+        p.add_argument("--labeled", type=int, default=default_labeled, choices=labeled_choices,
+                       help=f"{labeled_help} (default {default_labeled})")
+    else:  # still parsed, so that giving it is one clear error rather than 'unrecognized arguments'
+        p.add_argument("--labeled", type=int, default=None, help=argparse.SUPPRESS)
+        p.set_defaults(_labeled_error=labeled_error)
     p.add_argument("--overwrite", action="store_true",
                    help="delete and rewrite the dataset folder if it exists (default: refuse)")
     p.add_argument("-o", "--output-root", default=None,
@@ -445,6 +560,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
             parser.error("no output folder: pass -o/--output-root or set the nnUNet_raw environment variable")
     if not os.path.exists(args.input):
         parser.error(f"input {args.input} does not exist")
+    labeled_error = vars(args).pop("_labeled_error", None)
+    if labeled_error is not None and args.labeled is not None:
+        parser.error(labeled_error)
     return args
 
 

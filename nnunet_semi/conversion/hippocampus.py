@@ -37,7 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_semi.conversion.common import (ConversionError, RawDatasetWriter, make_parser, parse_args,
-                                           read_sitk, run_main)
+                                           read_sitk, run_main, split_groups)
 from nnunet_semi.layout import SemiSplit
 
 DEFAULT_DATASET_ID = 104
@@ -192,21 +192,14 @@ def convert(argv=None) -> str:
     if num_test < 0:
         parser.error("--num-test must be >= 0")
     split = make_split(pairs, image_only, args.labeled, num_test, args.seed, args.max_cases)
-    where = {c: "labeled" for c in split.labeled}
-    where.update({c: "unlabeled" for c in split.unlabeled})
-    where.update({c: "test" for c in split.test})
+    where = dict(split_groups(split))
     for case in writer.progress(sorted(where), desc="Hippocampus"):
         img = read_sitk(images[case], case)
         lab = read_sitk(labels[case], case) if case in labels else None
         if lab is not None and lab.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
             writer.report_note(case, f"label stored as {lab.GetPixelIDTypeAsString()}, cast to uint8 after "
                                      f"checking its values are integral")
-        if where[case] == "labeled":
-            writer.add_labeled(case, img, lab)
-        elif where[case] == "unlabeled":
-            writer.add_unlabeled(case, img, lab)
-        else:
-            writer.add_heldout(case, img, lab, group="test")
+        writer.add_case(case, where[case], img, lab)
     return writer.finish(split, None)
 
 

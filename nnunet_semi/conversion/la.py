@@ -250,14 +250,9 @@ def convert(argv=None) -> str:
             continue
         kind, folder = cases[case]
         image, label, geo = read_h5_case(folder, case) if kind == "h5" else read_nrrd_case(folder, case)
-        if role == "labeled":
-            if label is None:
-                raise ConversionError(f"case {case}: labeled case without label in {folder}.")
-            writer.add_labeled(case, image, label, **geo)
-        elif role == "unlabeled":
-            writer.add_unlabeled(case, image, label, **geo)
-        else:
-            writer.add_heldout(case, image, label, group="test", **geo)
+        if role == "labeled" and label is None:
+            raise ConversionError(f"case {case}: labeled case without label in {folder}.")
+        writer.add_case(case, role, image, label, **geo)
         present.append(case)
     absent_labeled = [c for c in labeled_ids if c not in cases]
     if absent_labeled:

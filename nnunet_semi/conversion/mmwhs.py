@@ -43,13 +43,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_semi.conversion.common import (ConversionError, RawDatasetWriter, as_label_array, make_parser,
-                                           parse_args, read_sitk, restrict_split, run_main)
+from nnunet_semi.conversion.common import (ConversionError, RawDatasetWriter, as_label_array, find_input_folder,
+                                           make_parser, nifti_path, parse_args, read_sitk, restrict_split, run_main,
+                                           warn_absent_labeled, write_cases)
 from nnunet_semi.layout import SemiSplit
 
 DEFAULT_DATASET_ID = 30
@@ -114,27 +115,32 @@ def _reorient(img: sitk.Image) -> sitk.Image:
     return sitk.DICOMOrient(img, "LPS")
 
 
-def _nifti(folder: str, stem: str) -> str:
-    gz = os.path.join(folder, stem + ".nii.gz")
-    if not os.path.isfile(gz) and os.path.isfile(os.path.join(folder, stem + ".nii")):
-        return os.path.join(folder, stem + ".nii")
-    return gz
+def _modality(case: str) -> str:
+    return "CT" if case.startswith("ct_") else "MR"
 
 
 def _modality_dir(root: str, override: Optional[str], default: str, flag: str) -> str:
-    path = override or default
-    path = path if os.path.isabs(path) else os.path.join(root, path)
-    if not os.path.isdir(path):
-        raise ConversionError(f"{path} does not exist: -i must hold the MM-WHS {default}/ folder "
-                              f"(or pass {flag}).")
-    return path
+    return find_input_folder(root, [override or default], f"{{path}} does not exist: -i must hold the MM-WHS "
+                                                          f"{default}/ folder (or pass {flag}).")
 
 
-def _warn_absent_labeled(split: SemiSplit, written: List[str]) -> None:
-    absent = [c for c in split.labeled if c not in written]
-    if absent:
-        print(f"WARNING: {len(absent)} labeled case(s) of setting {split.setting} are absent ({', '.join(absent)}); "
-              f"the labeled set is NOT the standard one.")
+def _case_reader(reorient: bool, ignore_unknown: bool):
+    """``read`` for :func:`write_cases`: the label remapped to 0..4, both reoriented unless told not to."""
+    def read(case: str, img_path: str, lab_path: Optional[str]) -> Tuple[sitk.Image, Optional[sitk.Image]]:
+        image = read_sitk(img_path, case)
+        label = None
+        if lab_path is not None:
+            raw = read_sitk(lab_path, case)
+            label = sitk.GetImageFromArray(remap_labels(sitk.GetArrayFromImage(raw), case, ignore_unknown))
+            label.CopyInformation(raw)
+        if reorient:
+            for vol, path in ((image, img_path), (label, lab_path)):
+                if vol is not None and vol.GetDimension() != 3:
+                    raise ConversionError(f"case {case}: {path} is {vol.GetDimension()}D; 3D expected.")
+            image = _reorient(image)
+            label = _reorient(label) if label is not None else None
+        return image, label
+    return read
 
 
 def build_parser():
@@ -166,45 +172,14 @@ def convert(argv: Optional[List[str]] = None) -> str:
         reference="https://zmiclab.github.io/zxh/0/mmwhs/",
         license="see the MM-WHS 2017 data use terms")
     split = standard_split(args.setting)
-    order = ([(c, "labeled") for c in split.labeled] + [(c, "unlabeled") for c in split.unlabeled]
-             + [(c, "val") for c in split.val] + [(c, "test") for c in split.test])
-    domains: Dict[str, str] = {}
-    for case, group in writer.progress(order, desc=f"MM-WHS {args.setting}"):
-        modality = "CT" if case.startswith("ct_") else "MR"
-        img_path = _nifti(dirs[modality], f"{case}_image")
-        lab_path = _nifti(dirs[modality], f"{case}_label")
-        if not os.path.isfile(img_path):
-            writer.report_missing(case, img_path)
-            continue
-        has_label = os.path.isfile(lab_path)
-        if not has_label and group != "unlabeled":
-            writer.report_missing(case, lab_path)
-            continue
-        image = read_sitk(img_path, case)
-        label = None
-        if has_label:
-            raw = read_sitk(lab_path, case)
-            label = sitk.GetImageFromArray(remap_labels(sitk.GetArrayFromImage(raw), case,
-                                                        args.ignore_unknown_values))
-            label.CopyInformation(raw)
-        if not args.no_reorient:
-            for vol, path in ((image, img_path), (label, lab_path)):
-                if vol is not None and vol.GetDimension() != 3:
-                    raise ConversionError(f"case {case}: {path} is {vol.GetDimension()}D; 3D expected.")
-            image = _reorient(image)
-            label = _reorient(label) if label is not None else None
-        if group == "labeled":
-            writer.add_labeled(case, image, label)
-        elif group == "unlabeled":
-            if label is None:
-                print(f"note {case}: no label at {lab_path}; written as unlabeled without a withheld label")
-            writer.add_unlabeled(case, image, label)
-        else:
-            writer.add_heldout(case, image, label, group=group)
-        domains[case] = modality
-    _warn_absent_labeled(split, writer.labeled)
-    present = writer.labeled + writer.unlabeled + writer.val + writer.test
-    active = restrict_split(split, present)
+    written = write_cases(writer, split,
+                          lambda case: (nifti_path(dirs[_modality(case)], f"{case}_image"),
+                                        nifti_path(dirs[_modality(case)], f"{case}_label")),
+                          read=_case_reader(not args.no_reorient, args.ignore_unknown_values),
+                          desc=f"MM-WHS {args.setting}")
+    domains = {case: _modality(case) for case in written}
+    warn_absent_labeled(split, writer.labeled)
+    active = restrict_split(split, written)
     folder = writer.finish(active, {args.setting: active})
     with open(os.path.join(folder, DOMAINS_FILE), "w") as f:
         json.dump({"format": 1, "setting": args.setting, "source_domain": setting["source"],

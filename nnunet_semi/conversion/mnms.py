@@ -43,7 +43,6 @@ in-plane crop and zoom to 32x144x144 are left to nnU-Net's preprocessing.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
@@ -54,7 +53,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_semi.conversion.common import (ConversionError, RawDatasetWriter, make_parser, parse_args, read_sitk,
-                                           restrict_split, run_main)
+                                           restrict_split, run_main, split_groups, warn_absent_labeled)
 from nnunet_semi.layout import SemiSplit
 
 DEFAULT_DATASET_ID = 31
@@ -219,20 +218,12 @@ def _labeled_frames(path: str) -> List[int]:
     return [int(t) for t in np.nonzero(arr.reshape(arr.shape[0], -1).any(axis=1))[0]]
 
 
-def _warn_absent_labeled(split: SemiSplit, written: List[str]) -> None:
-    absent = [c for c in split.labeled if c not in written]
-    if absent:
-        print(f"WARNING: {len(absent)} labeled case(s) of setting {split.setting} are absent ({', '.join(absent)}); "
-              f"the labeled set is NOT the standard one.")
-
-
 def build_parser():
-    p = make_parser(__doc__.split("\n\n")[0], DEFAULT_DATASET_ID, default_labeled=None,
+    p = make_parser(__doc__.split("\n\n")[0], DEFAULT_DATASET_ID, labeled=False,
+                    labeled_error="--labeled does not apply to M&Ms: the labeled subjects are set by --ratio "
+                                  "(and --seed)",
                     input_help="the extracted M&Ms OpenDataset folder (holding the information CSV, "
                                "Training/, Validation/, Testing/)")
-    for action in p._actions:  # the labeled amount is set by --ratio here
-        if "--labeled" in action.option_strings:
-            action.help = argparse.SUPPRESS
     p.epilog = __doc__.split("\n\n", 1)[1]
     p.add_argument("--target", required=True, choices=VENDORS, help="unseen (test) vendor")
     p.add_argument("--ratio", default="0.02", choices=RATIOS,
@@ -244,10 +235,7 @@ def build_parser():
 
 
 def convert(argv: Optional[List[str]] = None) -> str:
-    parser = build_parser()
-    args = parse_args(parser, argv)
-    if args.labeled is not None:
-        parser.error("--labeled does not apply to M&Ms: the labeled subjects are set by --ratio (and --seed)")
+    args = parse_args(build_parser(), argv)
     root = _find_root(args.input)
     csv_path = _find_csv(root, args.info_csv)
     info = read_info_csv(csv_path)
@@ -289,7 +277,7 @@ def convert(argv: Optional[List[str]] = None) -> str:
     standard = {setting_name(args.target, r): make_split(args.target, r, subjects_by_vendor,
                                                          select_labeled(args.target, r, subjects_by_vendor, None))
                 for r in RATIOS}
-    labeled_cases, unlabeled_cases = set(split.labeled), set(split.unlabeled)
+    group_of = dict(split_groups(split))
 
     domains: Dict[str, str] = {}
     centres: Dict[str, object] = {}
@@ -310,15 +298,10 @@ def convert(argv: Optional[List[str]] = None) -> str:
                 raise ConversionError(
                     f"case {case}: the ground truth is empty at frame {frames[phase]} ({phase} in {csv_path}); "
                     f"annotated frames of {gt_path}: {_labeled_frames(gt_path)}.")
-            if case in labeled_cases:
-                writer.add_labeled(case, images[phase], labels[phase])
-            elif case in unlabeled_cases:
-                writer.add_unlabeled(case, images[phase], labels[phase])
-            else:
-                writer.add_heldout(case, images[phase], labels[phase], group="test")
+            writer.add_case(case, group_of.get(case, "test"), images[phase], labels[phase])
             domains[case] = info[code]["vendor"]
             centres[case] = info[code]["centre"]
-    _warn_absent_labeled(split, writer.labeled)
+    warn_absent_labeled(split, writer.labeled)
     present = writer.labeled + writer.unlabeled + writer.test
     active = restrict_split(split, present)
     folder = writer.finish(active, {k: restrict_split(s, present) for k, s in standard.items()})

@@ -35,10 +35,10 @@ at native resolution (no cropping: RLSSS's "Pancreas_region" crops are not publi
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import List, Optional, Tuple
 
-from nnunet_semi.conversion.common import (ConversionError, RawDatasetWriter, make_parser, parse_args, read_sitk,
-                                           restrict_split, run_main)
+from nnunet_semi.conversion.common import (ConversionError, RawDatasetWriter, find_input_folder, make_parser,
+                                           parse_args, restrict_split, run_main, warn_absent_labeled, write_cases)
 from nnunet_semi.layout import SemiSplit
 
 DEFAULT_DATASET_ID = 32
@@ -91,18 +91,8 @@ def _format(pattern: str, n: int, flag: str) -> str:
 
 
 def _folder(root: str, path: str, flag: str) -> str:
-    path = path if os.path.isabs(path) else os.path.join(root, path)
-    if not os.path.isdir(path):
-        raise ConversionError(f"{path} does not exist; point -i at the folder holding {DEFAULT_IMAGES_DIR}/ and "
-                              f"{DEFAULT_LABELS_DIR}/, or pass {flag}.")
-    return path
-
-
-def _warn_absent_labeled(split: SemiSplit, written: List[str]) -> None:
-    absent = [c for c in split.labeled if c not in written]
-    if absent:
-        print(f"WARNING: {len(absent)} labeled case(s) of setting {split.setting} are absent ({', '.join(absent)}); "
-              f"the labeled set is NOT the standard one.")
+    return find_input_folder(root, [path], f"{{path}} does not exist; point -i at the folder holding "
+                                           f"{DEFAULT_IMAGES_DIR}/ and {DEFAULT_LABELS_DIR}/, or pass {flag}.")
 
 
 def build_parser():
@@ -139,39 +129,20 @@ def convert(argv: Optional[List[str]] = None) -> str:
     print(f"Pancreas-CT: images from {img_dir}, labels from {lab_dir}, protocol {args.protocol}")
     split = protocol_split(args.protocol, args.labeled)
     number = {case_id(n): n for n in proto["train"] + proto["test"]}
-    groups: Dict[str, str] = {}
-    for g in ("labeled", "unlabeled", "test"):
-        groups.update({c: g for c in getattr(split, g)})
-    for case in writer.progress(split.labeled + split.unlabeled + split.test, desc="Pancreas-CT"):
-        n, group = number[case], groups[case]
-        img_path = os.path.join(img_dir, _format(args.image_pattern, n, "--image-pattern"))
-        lab_path = os.path.join(lab_dir, _format(args.label_pattern, n, "--label-pattern"))
-        if not os.path.isfile(img_path):
-            writer.report_missing(case, img_path)
-            continue
-        has_label = os.path.isfile(lab_path)
-        if not has_label and group != "unlabeled":
-            writer.report_missing(case, lab_path)
-            continue
-        image = read_sitk(img_path, case)
-        label = read_sitk(lab_path, case) if has_label else None
-        if group == "labeled":
-            writer.add_labeled(case, image, label)
-        elif group == "unlabeled":
-            if label is None:
-                print(f"note {case}: no label at {lab_path}; written as unlabeled without a withheld label")
-            writer.add_unlabeled(case, image, label)
-        else:
-            writer.add_heldout(case, image, label, group="test")
-    _warn_absent_labeled(split, writer.labeled)
+
+    def locate(case: str) -> Tuple[str, str]:
+        return (os.path.join(img_dir, _format(args.image_pattern, number[case], "--image-pattern")),
+                os.path.join(lab_dir, _format(args.label_pattern, number[case], "--label-pattern")))
+
+    written = write_cases(writer, split, locate, desc="Pancreas-CT")
+    warn_absent_labeled(split, writer.labeled)
     removed = [case_id(n) for n in REMOVED_FROM_TCIA if case_id(n) in split.labeled + split.unlabeled + split.test
-               and case_id(n) not in writer.labeled + writer.unlabeled + writer.test]
+               and case_id(n) not in written]
     if removed:
         print(f"note: {', '.join(removed)} were removed from the TCIA collection as duplicates of other scans; "
               f"their absence is expected for TCIA-derived copies.")
-    present = writer.labeled + writer.unlabeled + writer.test
-    active = restrict_split(split, present)
-    standard = {f"{k}_labeled": restrict_split(protocol_split(args.protocol, k), present) for k in proto["standard"]}
+    active = restrict_split(split, written)
+    standard = {f"{k}_labeled": restrict_split(protocol_split(args.protocol, k), written) for k in proto["standard"]}
     return writer.finish(active, standard)
 
 

@@ -25,11 +25,10 @@ preprocessing (CT normalisation).
 """
 from __future__ import annotations
 
-import os
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
-from nnunet_semi.conversion.common import (ConversionError, RawDatasetWriter, make_parser, parse_args,
-                                           read_sitk, restrict_split, run_main)
+from nnunet_semi.conversion.common import (RawDatasetWriter, find_input_folder, make_parser, nifti_path, parse_args,
+                                           restrict_split, run_main, warn_absent_labeled, write_cases)
 from nnunet_semi.layout import SemiSplit
 
 DEFAULT_DATASET_ID = 29
@@ -69,31 +68,9 @@ def standard_split() -> SemiSplit:
 
 def _resolve_dir(root: str, override: Optional[str], candidates: Sequence[str], what: str) -> str:
     if override:
-        path = override if os.path.isabs(override) else os.path.join(root, override)
-        if not os.path.isdir(path):
-            raise ConversionError(f"{what} folder {path} does not exist.")
-        return path
-    for c in candidates:
-        path = os.path.join(root, c)
-        if os.path.isdir(path):
-            return path
-    raise ConversionError(f"no {what} folder under {root}: looked for {', '.join(candidates)}. Point -i at the "
-                          f"extracted Synapse RawData download or pass --{what}s-dir.")
-
-
-def _nifti(folder: str, stem: str) -> str:
-    """``folder/stem.nii.gz``, or ``folder/stem.nii`` when only that exists (the .nii.gz path otherwise)."""
-    gz = os.path.join(folder, stem + ".nii.gz")
-    if not os.path.isfile(gz) and os.path.isfile(os.path.join(folder, stem + ".nii")):
-        return os.path.join(folder, stem + ".nii")
-    return gz
-
-
-def _warn_absent_labeled(split: SemiSplit, written: List[str]) -> None:
-    absent = [c for c in split.labeled if c not in written]
-    if absent:
-        print(f"WARNING: {len(absent)} labeled case(s) of setting {split.setting} are absent ({', '.join(absent)}); "
-              f"the labeled set is NOT the standard one.")
+        return find_input_folder(root, [override], f"{what} folder {{path}} does not exist.")
+    return find_input_folder(root, candidates, f"no {what} folder under {{root}}: looked for {{candidates}}. Point -i "
+                                               f"at the extracted Synapse RawData download or pass --{what}s-dir.")
 
 
 def build_parser():
@@ -118,32 +95,14 @@ def convert(argv: Optional[List[str]] = None) -> str:
         license="see the Synapse BTCV data use terms")
     print(f"Synapse: images from {img_dir}, labels from {lab_dir}")
     split = standard_split()
-    order = ([(n, "labeled") for n in LABELED_IDS] + [(n, "unlabeled") for n in UNLABELED_IDS]
-             + [(n, "val") for n in EVAL_IDS] + [(n, "test") for n in TEST_IDS])
-    for num, group in writer.progress(order, desc="Synapse"):
-        case = case_id(num)
-        img_path = _nifti(img_dir, f"img{num}")
-        lab_path = _nifti(lab_dir, f"label{num}")
-        if not os.path.isfile(img_path):
-            writer.report_missing(case, img_path)
-            continue
-        has_label = os.path.isfile(lab_path)
-        if not has_label and group != "unlabeled":
-            writer.report_missing(case, lab_path)
-            continue
-        image = read_sitk(img_path, case)
-        label = read_sitk(lab_path, case) if has_label else None
-        if group == "labeled":
-            writer.add_labeled(case, image, label)
-        elif group == "unlabeled":
-            if label is None:
-                print(f"note {case}: no label at {lab_path}; written as unlabeled without a withheld label")
-            writer.add_unlabeled(case, image, label)
-        else:
-            writer.add_heldout(case, image, label, group=group)
-    _warn_absent_labeled(split, writer.labeled)
-    present = writer.labeled + writer.unlabeled + writer.val + writer.test
-    active = restrict_split(split, present)
+
+    def locate(case: str) -> Tuple[str, str]:
+        num = case.rsplit("_", 1)[1]  # synapse_00XX -> 00XX
+        return nifti_path(img_dir, f"img{num}"), nifti_path(lab_dir, f"label{num}")
+
+    written = write_cases(writer, split, locate, desc="Synapse")
+    warn_absent_labeled(split, writer.labeled)
+    active = restrict_split(split, written)
     return writer.finish(active, {SETTING: active})
 
 

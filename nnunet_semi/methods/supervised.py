@@ -1,13 +1,10 @@
-"""Supervised reference: nnU-Net's own trainer, unchanged except that it honours the plugin's
-``nnUNet_semi_*`` budget variables, so benchmarks give it exactly the SSL trainers' budget."""
-import torch
+"""Supervised reference: nnU-Net's own trainer, unchanged except for what every trainer of the plugin
+adds (:class:`~nnunet_semi.training.plugin.PluginTrainerMixin`: the ``nnUNet_semi_*`` budget variables and
+small-split handling), so benchmarks give it exactly the semi-supervised trainers' budget and labels."""
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_semi.training.budget import apply_budget_overrides
+from nnunet_semi.training.plugin import PluginTrainerMixin
 
 
-class SupervisedBaselineTrainer(nnUNetTrainer):
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        apply_budget_overrides(self)
+class SupervisedBaselineTrainer(PluginTrainerMixin, nnUNetTrainer):
+    pass

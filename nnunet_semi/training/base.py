@@ -43,7 +43,7 @@ from nnunet_semi.data.views import MultiViewTransform, split_views, strong_view_
 from nnunet_semi.ema import copy_weights, ema_decay_at, ema_update, unwrap
 from nnunet_semi.env import ext_trainer_configured, missing_trainer_message
 from nnunet_semi.schedules import ramp
-from nnunet_semi.training.budget import apply_budget_overrides
+from nnunet_semi.training.plugin import PluginTrainerMixin
 from nnunet_semi.training.progress import SemiLocalLogger
 
 CHECKPOINT_KEY = "nnunet_semi"
@@ -91,7 +91,7 @@ def _inner_loader(augmenter):
     raise RuntimeError(f"cannot find the data loader inside {type(augmenter).__name__}")
 
 
-class SemiSupervisedTrainer(nnUNetTrainer):
+class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
     """Base class of the semi-supervised trainers (not a method by itself: ``compute_loss`` is the
     hook a method implements)."""
 
@@ -127,7 +127,6 @@ class SemiSupervisedTrainer(nnUNetTrainer):
         self.logger.local_logger = SemiLocalLogger(self.logger.local_logger.verbose)
         if self.labeled_batch_size is not None:
             self.configuration_manager.configuration["batch_size"] = int(self.labeled_batch_size)
-        apply_budget_overrides(self)
         if self.export_network not in ("student", "teacher"):
             raise ValueError(f"{type(self).__name__}.export_network must be 'student' or 'teacher'")
         if self.export_network == "teacher" and not self.use_ema_teacher:

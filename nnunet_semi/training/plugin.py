@@ -1,0 +1,37 @@
+"""What every trainer of the plugin adds to nnU-Net's, the supervised reference included, so all arms of
+a comparison behave alike: the ``nnUNet_semi_*`` budget/seed variables and a cross-validation split
+that works with the few labeled cases semi-supervised settings have."""
+import torch
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, save_json
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+from nnunet_semi.training.budget import apply_budget_overrides
+
+
+class PluginTrainerMixin:
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        apply_budget_overrides(self)
+
+    def do_split(self):
+        """nnU-Net's split, except that with fewer than 5 labeled cases (nnU-Net's 5-fold split fails
+        there) an n-fold split is written; a single labeled case needs fold ``all``."""
+        if self.fold != "all":
+            splits_file = join(self.preprocessed_dataset_folder_base, "splits_final.json")
+            if not isfile(splits_file):
+                if self.dataset_class is None:
+                    self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+                ids = sorted(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
+                if len(ids) < 2:
+                    raise RuntimeError(
+                        f"{self.preprocessed_dataset_folder} has {len(ids)} labeled case(s): no cross-validation "
+                        f"split is possible. Train on every labeled case with fold 'all': nnUNetv2_train "
+                        f"{self.plans_manager.dataset_name} {self.configuration_name} all -tr {type(self).__name__}")
+                if len(ids) < 5:
+                    save_json(generate_crossval_split(ids, seed=12345, n_splits=len(ids)), splits_file)
+                    self.print_to_log_file(
+                        f"Only {len(ids)} labeled cases: wrote a {len(ids)}-fold split to {splits_file} (nnU-Net's "
+                        f"5-fold split needs 5). Use fold 'all' to train on every labeled case.")
+        return super().do_split()
