@@ -47,9 +47,10 @@ def cutmix_box_mask(spatial_shape: Sequence[int], p: float = 0.5, area_range=(0.
 
 
 def cutmix_box_masks(batch_size: int, spatial_shape: Sequence[int], p: float = 0.5, area_range=(0.02, 0.4),
-                     ratio_min: float = 0.3, device=None) -> torch.Tensor:
-    """(B, *spatial) bool masks, one independent box per sample."""
-    return torch.stack([cutmix_box_mask(spatial_shape, p, area_range, ratio_min, device=device)
+                     ratio_min: float = 0.3, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(B, *spatial) bool masks, one independent box per sample (a CPU ``generator`` makes them
+    reproducible)."""
+    return torch.stack([cutmix_box_mask(spatial_shape, p, area_range, ratio_min, generator=generator, device=device)
                         for _ in range(batch_size)])
 
 
@@ -73,6 +74,28 @@ def channel_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     raise ValueError(f"channel_dropout expects 4D or 5D tensors, got {x.ndim}D")
 
 
-def perturb_skips(skips: List[torch.Tensor], p: float) -> List[torch.Tensor]:
-    """Independent channel-dropout masks on every encoder output (all skips and the bottleneck)."""
-    return [channel_dropout(s, p) for s in skips]
+def channel_dropout_mask(x: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """An explicit channel-dropout mask for ``x`` (B, C, *spatial): shape (B, C, 1, ...), entries 0
+    (dropped, probability p) or 1/(1-p), in ``x``'s dtype and device. ``x * mask`` is distributed as
+    :func:`channel_dropout` (``F.dropout2d/3d``); drawn on the CPU when a CPU ``generator`` is given,
+    so tests can replay identical masks."""
+    shape = tuple(x.shape[:2]) + (1,) * (x.ndim - 2)
+    if p <= 0:
+        return torch.ones(shape, dtype=x.dtype, device=x.device)
+    if p >= 1:
+        return torch.zeros(shape, dtype=x.dtype, device=x.device)
+    dev = generator.device if generator is not None else x.device
+    keep = torch.rand(shape, generator=generator, device=dev) >= p
+    return (keep.to(torch.float32) / (1.0 - p)).to(device=x.device, dtype=x.dtype)
+
+
+def perturb_skips(skips: List[torch.Tensor], p: float,
+                  masks: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
+    """Independent channel-dropout masks on every encoder output (all skips and the bottleneck),
+    out of place. ``masks`` (one per skip, from :func:`channel_dropout_mask`) replaces the random
+    draw, e.g. to apply identical masks on two code paths."""
+    if masks is None:
+        return [channel_dropout(s, p) for s in skips]
+    if len(masks) != len(skips):
+        raise ValueError(f"{len(masks)} dropout masks for {len(skips)} feature maps")
+    return [s * m.to(s.dtype) for s, m in zip(skips, masks)]

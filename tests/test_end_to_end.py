@@ -110,6 +110,31 @@ def test_meanteacher_2d_train_and_predict(prepared):
     _predictions_ok(predict(prepared, "MeanTeacherTrainer_exportTeacher", "2d"), prepared)
 
 
+def _crossmatch_checks(folder, epochs):
+    ckpt = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == "CrossMatchTrainer" and ckpt["current_epoch"] == epochs
+    for key in ("loss_sup", "loss_s1", "loss_s2", "loss_tkd", "loss_dkd", "pl_confidence", "mask_ratio", "tau"):
+        assert len(ckpt["logging"][key]) == epochs and np.all(np.isfinite(ckpt["logging"][key])), key
+    assert ckpt["logging"]["tau"][-1] == 0.95
+    return ckpt
+
+
+def test_crossmatch_3d_train_and_predict(prepared):
+    folder = train(prepared, "CrossMatchTrainer", "3d_fullres", iters=2)
+    _crossmatch_checks(folder, 2)
+    _predictions_ok(predict(prepared, "CrossMatchTrainer", "3d_fullres"), prepared)
+
+
+def test_crossmatch_2d_train_resume_and_predict(prepared):
+    folder = train(prepared, "CrossMatchTrainer", "2d", iters=2)
+    _crossmatch_checks(folder, 2)
+    train(prepared, "CrossMatchTrainer", "2d", epochs=3, iters=2, extra=("--c",))
+    _crossmatch_checks(folder, 3)
+    log = open(os.path.join(prepared.root, "train_CrossMatchTrainer_2d--c.log")).read()
+    assert "Epoch 2" in log and "Epoch 0\n" not in log
+    _predictions_ok(predict(prepared, "CrossMatchTrainer", "2d"), prepared)
+
+
 def test_zz_no_withheld_label_was_read(prepared):
     """Runs after the trainings above (pytest keeps file order): no process of planning, preprocessing,
     training, validation or prediction opened a withheld label, neither through Python (audit hook) nor

@@ -1,0 +1,399 @@
+"""CrossMatch (Zhao et al., IEEE JBHI 2024, arXiv 2405.00354; code ``AiEson/CrossMatch``).
+
+One network, no teacher network. Each step the network itself labels the weak view of an unlabeled
+batch (hard argmax, confidence = max softmax, voxels below the threshold tau excluded from the Dice
+sums) and learns from those pseudo-labels on
+
+- two strong views (independent intensity perturbations of the weak view), each with a CutMix box
+  (probability ``cutmix_p``) pasted from the strong views of a second unlabeled batch (the mix
+  source): image-level perturbation, L_ip = L_s1 + L_s2;
+- weak and strong channel-dropout perturbations of every encoder output (all skips and the
+  bottleneck, independent masks per feature map), decoded by the one shared decoder: the clean
+  weak-view prediction teaches the dropout streams of the weak view and of strong view 2 (L_tkd, 4
+  terms), and the dropout streams of the weak view teach the same-strength dropout streams of strong
+  view 2 (L_dkd, 2 terms); L_kd = (1 - eta) L_tkd + eta L_dkd.
+
+Inside a CutMix box the pseudo-labels and confidences come from the mix source's own predictions
+(the same box cuts images, labels and confidences), including those of the dropout streams, which
+come from a no-grad dropout pass on the mix source (the released code's corrected behaviour, HEAD
+``59772e0``; ``fp_labels_from_mix_source = False`` gives the paper-time bug).
+
+Loss (the released code at HEAD)::
+
+    total = (sup_loss_scale * L_nnU-Net + w_s1 L_s1 + w_s2 L_s2 + w_kd L_kd) / loss_divisor
+
+with ``sup_loss_scale = 0.5`` (nnU-Net's loss is CE + Dice, the released code's L_sup is
+(CE + Dice) / 2), w_s1 = w_s2 = 0.25, loss_divisor = 2 and ``weight_kd = None`` meaning 0.5 for 2D
+configurations (the ACDC code, 2D U-Net) and 1.0 for 3D ones (the LA code, V-Net): each
+dimensionality gets the weighting the authors released for it. ``CrossMatchTrainer_paper`` is the
+paper-time recipe (w = 0.5, 0.5, 1, divisor 3, tau 0.85). The unsupervised terms are also multiplied
+by the base's ``unsup_weight_now()`` (1 by default: the released code has no ramp-up).
+
+Scale: with ``keep_nnunet_loss_scale = True`` (default) the total is multiplied by
+loss_divisor / sup_loss_scale, so the supervised term is exactly nnU-Net's loss and every ratio between
+the terms is the released code's (sup : L_s1 : L_s2 : L_kd = 1 : 0.5 : 0.5 : 2 w_kd at HEAD). The
+absolute scale of the released code (supervised gradient 1/4 of (CE + Dice)) belongs to its own
+optimiser (SGD momentum 0.9 / AdamW); nnU-Net's SGD (momentum 0.99, poly LR from 0.01) is tuned for its
+own loss scale, and a 4x smaller supervised gradient would put the method at a disadvantage against
+nnU-Net's supervised trainer for reasons unrelated to the method. ``False`` gives the code's absolute
+scale.
+
+Threshold: fixed ``tau = 0.95`` (ACDC) by default; ``tau_schedule = 'annealed'`` reproduces the LA
+code, tau_t = (tau0 + (1 - tau0) sigmoid_rampup(t - 1, T)) ln 2 with raw tau0 at step 0. The LA
+code ramps over 17000 iterations but trains 14000 (9000 at paper time); nnU-Net budgets vary, so T
+is ``tau_anneal_fraction`` x all training steps (17000 / 14000 by default, so the end value is the
+LA code's). ``CrossMatchTrainer_annealedTau`` is that recipe (tau0 0.75, as HEAD's train.sh).
+
+Dice (soft Dice on softmax against the hard pseudo-label, sums over batch and space, squared
+denominators as the released V-Net/UNet Dice): ``dice_include_background = None`` means all classes
+averaged (the ACDC code) when there are more than two classes and the foreground only (the LA code)
+for binary problems; ``dice_smooth = None`` means 1e-4 (ACDC) or 1e-5 (LA) by the same rule.
+Voxels outside the image (nnU-Net's padding, ``UnlabeledBatch.valid``) are excluded as well
+(``mask_padding``).
+
+Deep supervision stays on: nnU-Net's loss uses every DS output of the labeled part; all
+unsupervised terms act on the full-resolution outputs only (the released code has no DS).
+
+Forward passes per step (B_l labeled, B_u unlabeled patches per rank; encoder / decoder batch):
+
+1. no grad, mix source: encoder on m_w (B_u), one decoder call on its clean, weak-dropout and
+   strong-dropout streams (3 B_u). The released code runs a plain pass on m_w plus a ``need_fp``
+   pass on [x; m_w]; with nnU-Net's instance norm and no built-in dropout the clean stream here is
+   the same prediction, so one pass does both and x is not re-run.
+2. with grad, one call of the (DDP-wrapped) network: encoder on [x; u_s1; u_w; u_s2]
+   (B_l + 3 B_u), one decoder call on the clean streams of all of them plus the weak- and
+   strong-dropout streams of u_w and u_s2 (B_l + 7 B_u).
+
+That is B_l + 4 B_u encoder and B_l + 10 B_u decoder samples (the released code: 2 B_l + 5 B_u and
+2 B_l + 11 B_u). ``single_student_pass = False`` splits pass 2 into the released code's two calls,
+[x; u_w] and [u_s1; u_s2] (identical results with instance norm; differs with batch norm).
+
+Network, DDP and compile: ``build_network_architecture`` returns nnU-Net's network (PlainConvUNet,
+ResidualEncoderUNet, ...) with its class swapped to a subclass that mixes in
+:class:`FeaturePerturbationUNet`: the modules, state-dict keys and weights are the plain network's,
+``forward(x)`` is the plain forward (a single tensor with DS off), so stock ``nnUNetv2_predict``
+and ``load_state_dict(strict=True)`` work, and ``forward(x, fp_from=k)`` adds the dropout streams.
+Every student stream runs through ``self.network(...)``, i.e. the DDP wrapper's forward, and every
+parameter gets a gradient each step (the labeled part uses all DS heads; nnU-Net itself weights the
+lowest one 1e-6 instead of 0 under DDP for this), so DDP needs no ``find_unused_parameters``. The
+forward has no data-dependent Python control flow (dropout is a tensor op, CutMix happens outside
+the network), so nnU-Net's ``torch.compile`` stays enabled (``_do_i_compile`` is not overridden;
+checked with inductor on CPU: no graph break, one graph per call signature: fp grad pass, fp no-grad pass,
+plain forward with and without DS). A subclass that changes the architecture must pass its network
+through :func:`add_feature_perturbation`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from nnunet_semi.losses import masked_dice_loss, pseudo_label
+from nnunet_semi.perturbations import apply_cutmix, cutmix_box_masks, perturb_skips
+from nnunet_semi.schedules import sigmoid_rampup
+from nnunet_semi.training.base import SemiSupervisedTrainer
+
+LOG_TERMS = ("loss_sup", "loss_s1", "loss_s2", "loss_tkd", "loss_dkd", "pl_confidence", "mask_ratio", "tau")
+
+
+# ----------------------------------------------------------------------------------------------
+# network: nnU-Net's U-Net plus stacked feature-perturbation streams
+# ----------------------------------------------------------------------------------------------
+def full_resolution(out):
+    """The highest-resolution output of a decoder result (a deep-supervision list or a tensor)."""
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+class FeaturePerturbationUNet:
+    """Mixin for nnU-Net's encoder/decoder networks (anything with ``.encoder(x) -> skips`` and
+    ``.decoder(skips)``). Mixed in by :func:`add_feature_perturbation`; adds no module or parameter.
+
+    ``forward(x)`` is the network's own forward. ``forward(x, fp_from=k)`` runs the encoder once on
+    x, copies every encoder output of the samples ``x[k:]`` with weak (``p_weak``) and strong
+    (``p_strong``) channel dropout (an independent mask per feature map and sample), stacks
+    [all clean; weak copies; strong copies] in the batch dimension and decodes them in ONE decoder
+    call. It returns ``(clean, weak, strong)``: the decoder output for x (a deep-supervision list if
+    enabled) and the full-resolution outputs of the two dropout streams of ``x[k:]``.
+    ``fp_masks = (weak_masks, strong_masks)`` (one mask per encoder output, shaped for ``x[k:]``,
+    see :func:`~nnunet_semi.perturbations.channel_dropout_mask`) replaces the random draw.
+    """
+
+    def forward(self, x: torch.Tensor, fp_from: Optional[int] = None, p_weak: float = 0.25, p_strong: float = 0.75,
+                fp_masks: Optional[Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]] = None):
+        if fp_from is None:
+            return super().forward(x)
+        b = x.shape[0]
+        if not 0 <= fp_from <= b:
+            raise ValueError(f"fp_from={fp_from} is outside the batch of {b}")
+        skips = self.encoder(x)
+        tail = [s[fp_from:] for s in skips]
+        weak_masks, strong_masks = fp_masks if fp_masks is not None else (None, None)
+        weak = perturb_skips(tail, p_weak, weak_masks)
+        strong = perturb_skips(tail, p_strong, strong_masks)
+        out = self.decoder([torch.cat(streams, 0) for streams in zip(skips, weak, strong)])
+        n = b - fp_from
+        full = full_resolution(out)
+        clean = [o[:b] for o in out] if isinstance(out, (list, tuple)) else out[:b]
+        return clean, full[b:b + n], full[b + n:]
+
+
+_FP_CLASSES: Dict[type, type] = {}
+
+
+def feature_perturbation_class(cls: type) -> type:
+    """The (cached) subclass of network class ``cls`` with :class:`FeaturePerturbationUNet` mixed in."""
+    if issubclass(cls, FeaturePerturbationUNet):
+        return cls
+    if cls not in _FP_CLASSES:
+        name = f"FeaturePerturbation{cls.__name__}"
+        new = type(name, (FeaturePerturbationUNet, cls), {"__module__": __name__, "__doc__": (
+            f"{cls.__module__}.{cls.__qualname__} with CrossMatch's stacked feature-perturbation streams "
+            f"(same modules and state-dict keys; see FeaturePerturbationUNet).")})
+        new.__qualname__ = name
+        if name not in globals():  # importable by name, so pickling by reference works
+            globals()[name] = new
+        _FP_CLASSES[cls] = new
+    return _FP_CLASSES[cls]
+
+
+def add_feature_perturbation(network: nn.Module) -> nn.Module:
+    """Give ``network`` (in place) the class from :func:`feature_perturbation_class`: modules,
+    parameters and state-dict keys stay exactly those of the plain network."""
+    for attr in ("encoder", "decoder"):
+        if not isinstance(getattr(network, attr, None), nn.Module):
+            raise TypeError(f"CrossMatch needs a network with .encoder (returning all skips) and .decoder "
+                            f"modules; {type(network).__name__} has no '{attr}'")
+    network.__class__ = feature_perturbation_class(type(network))
+    return network
+
+
+# ----------------------------------------------------------------------------------------------
+# the unsupervised terms (functional core, used by the trainer and the tests)
+# ----------------------------------------------------------------------------------------------
+DiceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _masked_mean(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    x = x.float()
+    if valid is None:
+        return x.mean()
+    v = valid.float()
+    return (x * v).sum() / v.sum().clamp_min(1.0)
+
+
+def crossmatch_unsupervised_terms(p_w: torch.Tensor, p_w_weak: torch.Tensor, p_w_strong: torch.Tensor,
+                                  p_s1: torch.Tensor, p_s2: torch.Tensor, p_s2_weak: torch.Tensor,
+                                  p_s2_strong: torch.Tensor, mix: torch.Tensor, mix_weak: Optional[torch.Tensor],
+                                  mix_strong: Optional[torch.Tensor], box1: torch.Tensor, box2: torch.Tensor,
+                                  tau: float, dice: DiceFn, valid: Optional[torch.Tensor] = None,
+                                  valid_mix: Optional[torch.Tensor] = None, temperature: float = 1.0
+                                  ) -> Dict[str, torch.Tensor]:
+    """CrossMatch's unsupervised terms from full-resolution logits (B, C, *spatial).
+
+    ``p_w`` (clean weak view), ``p_w_weak``/``p_w_strong`` (its dropout streams), ``p_s1``/``p_s2``
+    (clean strong views, already CutMix-ed with ``box1``/``box2``), ``p_s2_weak``/``p_s2_strong``
+    (dropout streams of strong view 2); ``mix``, ``mix_weak``, ``mix_strong`` are the mix source's
+    no-grad clean and dropout-stream logits (``mix_weak``/``mix_strong`` None: the paper-time code,
+    dropout-stream labels inside box 2 from the same image). ``dice(logits, target, keep)`` is the
+    masked Dice loss; ``keep`` = confidence >= tau (and inside the image when ``valid`` /
+    ``valid_mix`` are given). Pseudo-labels come from :func:`~nnunet_semi.losses.pseudo_label`, so
+    no gradient flows into ``p_w`` or the mix-source logits through them.
+
+    Returns loss_s1, loss_s2, loss_tkd (mean of 4), loss_dkd (mean of 2), pl_confidence and
+    mask_ratio (mean confidence and kept fraction of the clean weak-view pseudo-label).
+    """
+    y_w, c_w = pseudo_label(p_w, temperature)
+    y_ww, c_ww = pseudo_label(p_w_weak, temperature)
+    y_ws, c_ws = pseudo_label(p_w_strong, temperature)
+    y_m, c_m = pseudo_label(mix, temperature)
+
+    v1 = v2 = valid
+    if valid is not None and valid_mix is not None:
+        v1, v2 = apply_cutmix(valid, valid_mix, box1), apply_cutmix(valid, valid_mix, box2)
+
+    def keep(conf: torch.Tensor, v: Optional[torch.Tensor]) -> torch.Tensor:
+        k = conf >= tau
+        return k if v is None else k & v
+
+    # clean weak-view labels, CutMix-ed with the mix source's clean labels (the same boxes as the images)
+    y1, c1 = apply_cutmix(y_w, y_m, box1), apply_cutmix(c_w, c_m, box1)
+    y2, c2 = apply_cutmix(y_w, y_m, box2), apply_cutmix(c_w, c_m, box2)
+    # dropout-stream labels of the weak view, CutMix-ed with the mix source's dropout-stream labels
+    if mix_weak is not None and mix_strong is not None:
+        y_mw, c_mw = pseudo_label(mix_weak, temperature)
+        y_ms, c_ms = pseudo_label(mix_strong, temperature)
+        y2w, c2w = apply_cutmix(y_ww, y_mw, box2), apply_cutmix(c_ww, c_mw, box2)
+        y2s, c2s = apply_cutmix(y_ws, y_ms, box2), apply_cutmix(c_ws, c_ms, box2)
+    else:
+        y2w, c2w, y2s, c2s = y_ww, c_ww, y_ws, c_ws
+
+    k_w, k1, k2 = keep(c_w, valid), keep(c1, v1), keep(c2, v2)
+    loss_s1 = dice(p_s1, y1, k1)
+    loss_s2 = dice(p_s2, y2, k2)
+    loss_tkd = (dice(p_w_weak, y_w, k_w) + dice(p_w_strong, y_w, k_w)
+                + dice(p_s2_weak, y2, k2) + dice(p_s2_strong, y2, k2)) / 4.0
+    loss_dkd = (dice(p_s2_weak, y2w, keep(c2w, v2)) + dice(p_s2_strong, y2s, keep(c2s, v2))) / 2.0
+    return {"loss_s1": loss_s1, "loss_s2": loss_s2, "loss_tkd": loss_tkd, "loss_dkd": loss_dkd,
+            "pl_confidence": _masked_mean(c_w, valid).detach(),
+            "mask_ratio": _masked_mean(c_w >= tau, valid).detach()}
+
+
+def annealed_tau(step: int, length: float, tau0: float, scale: float = math.log(2)) -> float:
+    """The LA code's threshold: raw tau0 at step 0, then (tau0 + (1 - tau0) sigmoid_rampup(step - 1,
+    length)) * scale (the code updates it after each iteration)."""
+    if step <= 0:
+        return float(tau0)
+    return float((tau0 + (1.0 - tau0) * sigmoid_rampup(step - 1, length)) * scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# trainers
+# ----------------------------------------------------------------------------------------------
+class CrossMatchTrainer(SemiSupervisedTrainer):
+    num_strong_views = 2
+    unlabeled_batches_per_step = 2
+    # ---- feature perturbation (the code's pert_gap 0.5: 0.5 -/+ 0.25) ----------------------
+    fp_dropout_weak: float = 0.25
+    fp_dropout_strong: float = 0.75
+    # ---- CutMix from the second unlabeled batch ---------------------------------------------
+    cutmix_p: float = 0.5
+    cutmix_area: tuple = (0.02, 0.4)
+    cutmix_ratio_min: float = 0.3
+    #: dropout-stream pseudo-labels inside the CutMix box from the mix source's dropout streams
+    #: (HEAD); False = the paper-time code (from the same image) and no dropout pass on the mix source
+    fp_labels_from_mix_source: bool = True
+    # ---- pseudo-labels ----------------------------------------------------------------------
+    #: confidence threshold ('fixed') or tau0 ('annealed')
+    tau: float = 0.95
+    #: 'fixed' (ACDC code) or 'annealed' (LA code, see annealed_tau)
+    tau_schedule: str = "fixed"
+    #: annealing length as a fraction of all training steps (LA code: 17000 / 14000 iterations)
+    tau_anneal_fraction: float = 17000 / 14000
+    tau_anneal_scale: float = math.log(2)
+    #: divides the logits before the pseudo-label softmax (code default 1)
+    temperature: float = 1.0
+    #: exclude voxels outside the image (padding) from the unsupervised Dice sums
+    mask_padding: bool = True
+    # ---- losses -----------------------------------------------------------------------------
+    eta: float = 0.3
+    #: factor on nnU-Net's loss (CE + Dice): 0.5 = the code's L_sup = (CE + Dice) / 2
+    sup_loss_scale: float = 0.5
+    weight_s1: float = 0.25
+    weight_s2: float = 0.25
+    #: weight of L_kd; None = 0.5 for 2D configurations (ACDC code), 1.0 for 3D (LA code)
+    weight_kd: Optional[float] = None
+    loss_divisor: float = 2.0
+    #: multiply the total by loss_divisor / sup_loss_scale (supervised term = nnU-Net's loss, ratios kept)
+    keep_nnunet_loss_scale: bool = True
+    #: None = all classes averaged if more than 2 classes (ACDC code), foreground only if binary (LA code)
+    dice_include_background: Optional[bool] = None
+    #: None = 1e-4 if more than 2 classes (ACDC code), 1e-5 if binary (LA code)
+    dice_smooth: Optional[float] = None
+    dice_squared_denominator: bool = True
+    # ---- passes -----------------------------------------------------------------------------
+    #: one grad forward on [x; u_s1; u_w; u_s2]; False = the code's two ([x; u_w], [u_s1; u_s2])
+    single_student_pass: bool = True
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        parent = super(CrossMatchTrainer, CrossMatchTrainer).build_network_architecture  # a staticmethod
+        network = parent(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                         enable_deep_supervision)
+        return add_feature_perturbation(network)
+
+    def initialize(self):
+        super().initialize()
+        self.configure_crossmatch(self.label_manager.num_segmentation_heads, len(self.configuration_manager.patch_size))
+        self.print_to_log_file(f"CrossMatch: {self.num_classes_u} classes, Dice "
+                               f"{'with' if self.dice_bg else 'without'} background, smooth {self.dice_eps}, "
+                               f"L_kd weight {self.kd_weight}, tau {self.tau_schedule} {self.tau}")
+
+    def configure_crossmatch(self, num_classes: int, ndim: int) -> None:
+        """Resolve the ``None`` (automatic) settings for ``num_classes`` outputs and a 2D/3D patch."""
+        if self.tau_schedule not in ("fixed", "annealed"):
+            raise ValueError(f"{type(self).__name__}.tau_schedule must be 'fixed' or 'annealed'")
+        self.num_classes_u = int(num_classes)
+        multi = self.num_classes_u > 2
+        self.dice_bg = multi if self.dice_include_background is None else bool(self.dice_include_background)
+        self.dice_eps = (1e-4 if multi else 1e-5) if self.dice_smooth is None else float(self.dice_smooth)
+        self.kd_weight = (0.5 if ndim == 2 else 1.0) if self.weight_kd is None else float(self.weight_kd)
+
+    def tau_now(self) -> float:
+        if self.tau_schedule == "annealed":
+            return annealed_tau(self.global_step, self.tau_anneal_fraction * self.total_steps, self.tau,
+                                self.tau_anneal_scale)
+        return float(self.tau)
+
+    def unsup_dice(self, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return masked_dice_loss(torch.softmax(logits.float(), 1), target, keep, include_background=self.dice_bg,
+                                smooth=self.dice_eps, squared_denominator=self.dice_squared_denominator,
+                                batch_dice=True)
+
+    def compute_loss(self, data, target, unlabeled):
+        u, m = unlabeled[0], unlabeled[1]
+        bl, bu = data.shape[0], u.weak.shape[0]
+        fp = {"p_weak": self.fp_dropout_weak, "p_strong": self.fp_dropout_strong}
+        box1, box2 = (cutmix_box_masks(bu, u.weak.shape[2:], self.cutmix_p, self.cutmix_area, self.cutmix_ratio_min,
+                                       device=u.weak.device) for _ in range(2))
+        with torch.no_grad():  # mix source: clean + dropout streams, one encoder pass, one decoder call
+            if self.fp_labels_from_mix_source:
+                mix, mix_weak, mix_strong = self.network(m.weak, fp_from=0, **fp)
+            else:
+                mix, mix_weak, mix_strong = self.network(m.weak), None, None
+            mix = full_resolution(mix)
+        u_s1 = apply_cutmix(u.strong[0], m.strong[0], box1)
+        u_s2 = apply_cutmix(u.strong[1], m.strong[1], box2)
+
+        if self.single_student_pass:
+            clean, p_weak, p_strong = self.network(torch.cat((data, u_s1, u.weak, u_s2)), fp_from=bl + bu, **fp)
+            out_l = [o[:bl] for o in clean] if isinstance(clean, (list, tuple)) else clean[:bl]
+            p_s1, p_w, p_s2 = full_resolution(clean)[bl:].split(bu)
+            p_w_weak, p_s2_weak = p_weak.split(bu)
+            p_w_strong, p_s2_strong = p_strong.split(bu)
+        else:
+            clean_a, p_w_weak, p_w_strong = self.network(torch.cat((data, u.weak)), fp_from=bl, **fp)
+            clean_b, p_s2_weak, p_s2_strong = self.network(torch.cat((u_s1, u_s2)), fp_from=bu, **fp)
+            out_l = [o[:bl] for o in clean_a] if isinstance(clean_a, (list, tuple)) else clean_a[:bl]
+            p_w = full_resolution(clean_a)[bl:]
+            p_s1, p_s2 = full_resolution(clean_b).split(bu)
+
+        loss_sup = self.sup_loss_scale * self.loss(out_l, target)
+        tau = self.tau_now()
+        valid, valid_mix = (u.valid, m.valid) if self.mask_padding else (None, None)
+        terms = crossmatch_unsupervised_terms(p_w, p_w_weak, p_w_strong, p_s1, p_s2, p_s2_weak, p_s2_strong,
+                                              mix, mix_weak, mix_strong, box1, box2, tau, self.unsup_dice,
+                                              valid, valid_mix, self.temperature)
+        loss_kd = (1.0 - self.eta) * terms["loss_tkd"] + self.eta * terms["loss_dkd"]
+        loss_u = self.weight_s1 * terms["loss_s1"] + self.weight_s2 * terms["loss_s2"] + self.kd_weight * loss_kd
+        total = (loss_sup + self.unsup_weight_now() * loss_u) / self.loss_divisor
+        if self.keep_nnunet_loss_scale:
+            total = total * (self.loss_divisor / self.sup_loss_scale)
+        logged = {"loss_sup": loss_sup.detach(), **{k: v.detach() for k, v in terms.items()},
+                  "tau": tau}
+        return total, {k: logged[k] for k in LOG_TERMS}
+
+
+class CrossMatchTrainer_paper(CrossMatchTrainer):
+    """The paper-time code (``d00de40``): (L_sup + 0.5 L_s1 + 0.5 L_s2 + L_kd) / 3, tau 0.85 (fixed;
+    the LA code annealed it, see ``CrossMatchTrainer_paperAnnealedTau``). Keeps HEAD's CutMix fix;
+    set ``fp_labels_from_mix_source = False`` for the paper-time bug as well."""
+    tau = 0.85
+    weight_s1 = 0.5
+    weight_s2 = 0.5
+    weight_kd = 1.0
+    loss_divisor = 3.0
+
+
+class CrossMatchTrainer_paperAnnealedTau(CrossMatchTrainer_paper):
+    """Paper-time LA recipe: tau0 0.85 annealed over 17000 of 9000 iterations."""
+    tau_schedule = "annealed"
+    tau_anneal_fraction = 17000 / 9000
+
+
+class CrossMatchTrainer_annealedTau(CrossMatchTrainer):
+    """HEAD's LA threshold: tau0 0.75 annealed (x ln 2) over 17000 of 14000 iterations."""
+    tau = 0.75
+    tau_schedule = "annealed"
