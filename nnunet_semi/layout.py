@@ -281,11 +281,13 @@ def unlabeled_manifest_file(preprocessed_dataset_folder_base: str, data_identifi
 
 
 def plans_identity(plans: dict, configuration: str) -> str:
-    """A short hash of everything in the plans that changes preprocessed data of a configuration."""
-    cfg = dict(plans["configurations"][configuration])
+    """A short hash of everything in the plans that changes preprocessed data of a configuration
+    (resolved through nnU-Net's ``inherits_from``, so a configuration that only changes the network,
+    e.g. a smaller CPU variant, shares the identity and the preprocessed data of its parent)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    cfg = PlansManager(plans).get_configuration(configuration).configuration
     relevant = {k: cfg.get(k) for k in ("data_identifier", "preprocessor_name", "spacing", "normalization_schemes",
-                                         "use_mask_for_norm", "resampling_fn_data", "resampling_fn_data_kwargs",
-                                         "inherits_from")}
+                                         "use_mask_for_norm", "resampling_fn_data", "resampling_fn_data_kwargs")}
     relevant["transpose_forward"] = plans.get("transpose_forward")
     relevant["foreground_intensity_properties_per_channel"] = plans.get(
         "foreground_intensity_properties_per_channel")

@@ -151,3 +151,16 @@ def test_training_without_preprocessed_unlabeled_data(prepared):
     p = run(["nnUNetv2_train", name, "3d_fullres", "0", "-tr", "MeanTeacherTrainer", "-device", "cpu"], env,
             check=False)
     assert_error(p, "never preprocessed", f"nnUNetv2_preprocess_unlabeled -d {name} -c 3d_fullres")
+
+
+def test_plans_identity_follows_inherits_from(prepared):
+    """A configuration that only changes the network (e.g. a smaller CPU variant) shares the preprocessed
+    unlabeled data of its parent; a change of normalisation does not."""
+    import copy
+    from nnunet_semi.layout import plans_identity
+    plans = json.load(open(os.path.join(prepared.pre, "nnUNetPlans.json")))
+    plans["configurations"]["3d_small"] = {"inherits_from": "3d_fullres", "batch_size": 1}
+    assert plans_identity(plans, "3d_small") == plans_identity(plans, "3d_fullres")
+    changed = copy.deepcopy(plans)
+    changed["configurations"]["3d_fullres"]["normalization_schemes"] = ["NoNormalization"]
+    assert plans_identity(changed, "3d_small") != plans_identity(plans, "3d_small")
