@@ -1,0 +1,271 @@
+"""End to end (slow): the demo in --quick mode, and the benchmark harness (benchmarks/run_benchmark.py) on
+the demo's tiny generated dataset: report, skip, resume and settings checks. Plus fast checks of the
+harness' pure parts (CPU configuration, log parsing, aggregation, trainer discovery).
+
+Both drive nnU-Net's real commands in subprocesses. To stay within a few minutes on 2 cores the harness
+test works in the demo's folder: the demo itself runs the harness' training path (Benchmark.run_all:
+nnUNetv2_train + nnUNetv2_predict for SupervisedBaselineTrainer and MeanTeacherTrainer), and the CLI is
+then checked to report on those runs, to skip what is finished, to redo only what is missing, to plan a
+``--c`` resume for an interrupted training, and to refuse changed settings.
+"""
+import json
+import math
+import os
+import re
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from e2e_util import REPO
+
+TRAINERS = ["SupervisedBaselineTrainer", "MeanTeacherTrainer"]
+DATASET_ID = "991"
+
+
+def _env():
+    env = dict(os.environ)
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
+        env.pop(k, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _run(cmd, cwd, log, timeout=900):
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=timeout)
+    with open(log, "w") as f:
+        f.write(p.stdout)
+    print(f"$ {' '.join(cmd)}  [{time.time() - t0:.0f} s, rc {p.returncode}]")
+    return p
+
+
+def _png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+def _table_rows(text):
+    """Rows of the first results table (| Method | Class | Dice (%) | ...): (method, class, Dice mean)."""
+    rows, inside = [], False
+    for line in text.splitlines():
+        if re.match(r"^\| Method \| Class \| Dice \(%\) \|", line):
+            inside = True
+            continue
+        if inside and not line.startswith("|"):
+            break
+        if inside and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            m = re.match(r"^(-?[\d.]+) ± ([\d.]+)$", cells[2])
+            rows.append((cells[0], cells[1], float(m.group(1)) if m else float("nan")))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("demo"))
+    out = os.path.join(root, "demo")
+    t0 = time.time()
+    p = _run([sys.executable, "-m", "nnunet_semi.demo", "--quick", "--out", out], root,
+             os.path.join(root, "demo.log"))
+    return {"root": root, "out": out, "proc": p, "seconds": time.time() - t0}
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(quick_demo):
+    p, out = quick_demo["proc"], quick_demo["out"]
+    assert p.returncode == 0, p.stdout[-6000:]
+    text = p.stdout
+    # progress: stage lines with elapsed time, one line per training epoch
+    assert re.search(r"^\[\d\d:\d\d\] == stage 1/5: data", text, re.M)
+    assert re.search(r"^\[\d\d:\d\d\] == stage 5/5: picture", text, re.M)
+    for t in TRAINERS:
+        assert re.search(rf"{t} seed 0: epoch 1/1, train_loss", text), t
+    # the printed table: a Mean row with a finite Dice for every method
+    rows = _table_rows(text)
+    means = {m: d for m, c, d in rows if c == "Mean"}
+    assert sorted(means) == sorted(TRAINERS), rows
+    assert all(math.isfinite(d) and 0 <= d <= 100 for d in means.values()), means
+    assert {c for _, c, _ in rows} >= {"shell (1)", "core (2)", "Mean"}
+    # the picture
+    png = os.path.join(out, "demo_overview.png")
+    w, h = _png_size(png)
+    assert 400 <= w <= 5000 and 400 <= h <= 5000, (w, h)
+    assert os.path.getsize(png) > 20_000
+    for f in ("results.md", "results.json", "benchmark.png", "settings.json", "demo_timings.json"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    for t in TRAINERS:
+        assert os.path.isfile(os.path.join(out, "nnUNet_results", "Dataset991_SemiDemo",
+                                           f"{t}__nnUNetPlans__3d_fullres", "fold_all", "checkpoint_final.pth"))
+    print(f"quick demo: {quick_demo['seconds']:.0f} s")
+
+
+def _bench_cmd(out, *extra):
+    return [sys.executable, os.path.join(REPO, "benchmarks", "run_benchmark.py"), "-d", DATASET_ID,
+            "--raw", os.path.join(out, "nnUNet_raw"), "--preprocessed", os.path.join(out, "nnUNet_preprocessed"),
+            "-o", out, "--results-dir", os.path.join(out, "nnUNet_results"), "-tr", *TRAINERS, "-s", "0",
+            "--epochs", "1", "--iters", "2", "--val-iters", "1", "--disable_tta", *extra]
+
+
+@pytest.mark.slow
+def test_benchmark_harness_report_skip_resume(quick_demo):
+    assert quick_demo["proc"].returncode == 0, "the quick demo failed"
+    out, root = quick_demo["out"], quick_demo["root"]
+    model = {t: os.path.join(out, "nnUNet_results", "Dataset991_SemiDemo", f"{t}__nnUNetPlans__3d_fullres", "fold_all")
+             for t in TRAINERS}
+    preds = {t: os.path.join(out, "seed_0", "predictions", t) for t in TRAINERS}
+
+    # 1. the same settings: every run is finished -> skipped; the report is written
+    os.remove(os.path.join(out, "results.md"))
+    p = _run(_bench_cmd(out), root, os.path.join(root, "bench1.log"))
+    assert p.returncode == 0, p.stdout[-6000:]
+    for t in TRAINERS:
+        assert re.search(rf"{t} seed 0: skip \(checkpoint_final and predictions exist\)", p.stdout), t
+    assert "nnUNetv2_train" not in p.stdout and "nnUNetv2_predict" not in p.stdout
+    md = open(os.path.join(out, "results.md")).read()
+    rows = _table_rows(md)
+    assert sorted(m for m, c, _ in rows if c == "Mean") == sorted(TRAINERS)
+    assert all(math.isfinite(d) for _, _, d in rows)
+    assert "Paired comparison against SupervisedBaselineTrainer" in md
+    assert re.search(r"\| MeanTeacherTrainer \| Mean \| 2 \| -?[\d.]+ ± [\d.]+ \|", md), md
+    w, h = _png_size(os.path.join(out, "benchmark.png"))
+    assert w > 600 and h > 400
+    settings = json.load(open(os.path.join(out, "settings.json")))
+    for key in ("dataset", "configuration", "effective_configuration", "fold", "trainers", "seeds", "epochs", "iters",
+                "val_iters", "iterations_total", "budget_env", "checkpoint", "evaluated_cases", "git_commit", "machine",
+                "plans_config", "plans_config_change", "nnunet_env", "protocol_notes"):
+        assert key in settings, key
+    assert settings["checkpoint"] == "checkpoint_final.pth" and settings["fold"] == "all"
+    assert settings["iterations_total"] == 2 and settings["budget_env"]["nnUNet_semi_iters"] == "2"
+    assert {"cpu_count", "torch", "device"} <= set(settings["machine"])
+    assert settings["git_commit"] == "unknown" or re.match(r"^[0-9a-f]{40}", settings["git_commit"])
+
+    # 2. an interrupted training (only checkpoint_latest) is planned as a --c resume
+    final = os.path.join(model["SupervisedBaselineTrainer"], "checkpoint_final.pth")
+    latest = os.path.join(model["SupervisedBaselineTrainer"], "checkpoint_latest.pth")
+    os.rename(final, latest)
+    try:
+        p = _run(_bench_cmd(out, "--dry-run"), root, os.path.join(root, "bench_dry.log"))
+    finally:
+        os.rename(latest, final)
+    assert p.returncode == 0, p.stdout[-6000:]
+    assert "SupervisedBaselineTrainer seed 0: resume" in p.stdout
+    assert re.search(r"nnUNetv2_train 991 3d_fullres all -tr SupervisedBaselineTrainer .*--c$", p.stdout, re.M)
+    assert "MeanTeacherTrainer seed 0: done" in p.stdout
+
+    # 3. deleted predictions of one trainer: only those are redone
+    import shutil
+    shutil.rmtree(preds["MeanTeacherTrainer"])
+    kept = {f: os.path.getmtime(os.path.join(preds["SupervisedBaselineTrainer"], f))
+            for f in os.listdir(preds["SupervisedBaselineTrainer"])}
+    ckpt_mtime = {t: os.path.getmtime(os.path.join(model[t], "checkpoint_final.pth")) for t in TRAINERS}
+    t_before = time.time()
+    p = _run(_bench_cmd(out), root, os.path.join(root, "bench2.log"))
+    assert p.returncode == 0, p.stdout[-6000:]
+    assert re.search(r"SupervisedBaselineTrainer seed 0: skip \(checkpoint_final", p.stdout)
+    assert re.search(r"MeanTeacherTrainer seed 0: skip training \(checkpoint_final exists\); predict", p.stdout)
+    assert "nnUNetv2_train" not in p.stdout
+    assert len(re.findall(r"\$ .*nnUNetv2_predict", p.stdout)) == 1
+    assert {f: os.path.getmtime(os.path.join(preds["SupervisedBaselineTrainer"], f)) for f in kept} == kept
+    assert all(os.path.getmtime(os.path.join(model[t], "checkpoint_final.pth")) == ckpt_mtime[t] for t in TRAINERS)
+    new = [os.path.join(preds["MeanTeacherTrainer"], f) for f in os.listdir(preds["MeanTeacherTrainer"])
+           if f.endswith(".nii.gz")]
+    assert len(new) == 2 and all(os.path.getmtime(f) >= t_before for f in new)
+    assert not os.path.exists(preds["MeanTeacherTrainer"] + ".tmp")
+
+    # 4. other key settings in the same folder are refused
+    p = _run(_bench_cmd(out)[:-7] + ["--epochs", "1", "--iters", "3", "--val-iters", "1", "--disable_tta"], root,
+             os.path.join(root, "bench3.log"))
+    assert p.returncode == 1 and "other settings" in p.stdout and "iters" in p.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# fast checks
+# --------------------------------------------------------------------------------------------
+def _plans():
+    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": 4, "features_per_stage": [32, 64, 128, 256], "strides": [[1, 1, 1]] * 4},
+            "_kw_requires_import": []}
+    return {"dataset_name": "Dataset999_X", "plans_name": "nnUNetPlans",
+            "configurations": {"3d_fullres": {"data_identifier": "nnUNetPlans_3d_fullres", "batch_size": 9,
+                                              "patch_size": [40, 56, 40], "spacing": [1, 1, 1],
+                                              "architecture": arch}}}
+
+
+def test_cpu_configuration_inherits_and_is_idempotent(tmp_path):
+    from nnunet_semi.benchmarking import BenchmarkError, add_cpu_configuration
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans_file = str(tmp_path / "nnUNetPlans.json")
+    json.dump(_plans(), open(plans_file, "w"))
+    change = add_cpu_configuration(plans_file, "3d_fullres")
+    assert change["status"] == "added" and change["name"] == "3d_fullres_cpu"
+    assert change["changes"]["architecture.arch_kwargs.features_per_stage"] == {"from": [32, 64, 128, 256],
+                                                                              "to": [16, 32, 64, 128]}
+    assert change["changes"]["batch_size"] == {"from": 9, "to": 2}
+    plans = json.load(open(plans_file))
+    entry = plans["configurations"]["3d_fullres_cpu"]
+    assert entry["inherits_from"] == "3d_fullres" and set(entry) == {"inherits_from", "batch_size", "architecture"}
+    cm = PlansManager(plans).get_configuration("3d_fullres_cpu")  # nnU-Net resolves it
+    assert cm.data_identifier == "nnUNetPlans_3d_fullres" and list(cm.patch_size) == [40, 56, 40]
+    assert cm.batch_size == 2 and list(cm.network_arch_init_kwargs["features_per_stage"]) == [16, 32, 64, 128]
+    assert add_cpu_configuration(plans_file, "3d_fullres")["status"] == "already present"
+    with pytest.raises(BenchmarkError, match="differs"):
+        add_cpu_configuration(plans_file, "3d_fullres", features_scale=0.25)
+
+
+def test_epoch_progress_parses_nnunet_log_lines():
+    from nnunet_semi.benchmarking import EpochProgress
+    p = EpochProgress("MT seed 0", 5)
+    lines = ["2026-01-01 10:00:00.000001: ", "2026-01-01 10:00:00.000002: Epoch 2",
+             "2026-01-01 10:00:01.1: Current learning rate: 0.00818", "2026-01-01 10:00:09.1: train_loss -0.4123",
+             "2026-01-01 10:00:09.2: val_loss -0.5", "2026-01-01 10:00:09.3: Pseudo dice [np.float32(0.8), np.float32(0.6)]",
+             "2026-01-01 10:00:09.4: semi: loss_sup -0.5, loss_unsup 0.0123, pl_confidence 0.91"]
+    assert all(p.feed(x) is None for x in lines)
+    msg = p.feed("2026-01-01 10:00:09.5: Epoch time: 9.51 s")
+    assert msg == "    MT seed 0: epoch 3/5, train_loss -0.4123, loss_unsup 0.0123, pseudo Dice 0.700, 9.5 s/epoch"
+    assert "training done" in p.feed("2026-01-01 10:01:00.0: Training done.")
+
+
+def test_aggregate_pairs_seeds_and_cases():
+    from nnunet_semi.benchmarking import aggregate, results_markdown
+    from nnunet_semi.evaluation.evaluate import summarize
+
+    def summary(dice):
+        per_case = []
+        for i, d in enumerate(dice):
+            m = {k: float("nan") for k in ("Dice", "Jaccard", "HD95_mm", "HD95_vox", "ASD_mm", "ASD_vox",
+                                           "ASSD_mm", "ASSD_vox")}
+            m.update(Dice=d, Jaccard=d / (2 - d), HD95_mm=1.0, HD95_vox=1.0, ASD_mm=0.5, ASD_vox=0.5,
+                     TP=1, FP=0, FN=0, TN=0, n_pred=1, n_ref=1)
+            per_case.append({"case": f"c{i}", "metrics": {"1": m}})
+        out = {"metric_per_case": per_case, **summarize(per_case, ["1"])}
+        out["settings"] = {"labels": ["1"]}
+        out["label_names"] = {"1": "organ"}
+        return out
+
+    summ = {"SupervisedBaselineTrainer": {0: summary([0.5, 0.6, 0.7]), 1: summary([0.5, 0.6, 0.9])},
+            "MeanTeacherTrainer": {0: summary([0.6, 0.6, 0.8]), 1: summary([0.4, 0.7, 0.9])}}
+    agg = aggregate(summ, "SupervisedBaselineTrainer")
+    st = agg["stats"]["MeanTeacherTrainer"]["foreground"]["Dice"]
+    assert st["n"] == 6 and abs(st["mean"] - 4.0 / 6) < 1e-9
+    pd = agg["paired"]["MeanTeacherTrainer"]["foreground"]["Dice"]
+    assert pd["n"] == 6 and (pd["wins"], pd["ties"], pd["losses"]) == (3, 2, 1)
+    assert abs(pd["mean_diff"] - 0.2 / 6) < 1e-9
+    assert abs(agg["seed_level"]["MeanTeacherTrainer"]["per_seed"][0]["Dice"] - 2.0 / 3) < 1e-9
+    md = results_markdown(agg, "toy")
+    assert "| MeanTeacherTrainer | Mean | 66.67 ± " in md and "| 3/2/1 |" in md
+
+
+def test_default_trainers_are_discovered_from_the_registry():
+    from nnunet_semi.benchmarking import default_trainers, registered_trainers
+    reg = registered_trainers()
+    defaults = default_trainers(reg)
+    assert defaults[0] == "SupervisedBaselineTrainer" and "MeanTeacherTrainer" in defaults
+    assert all("_" not in t for t in defaults) and set(defaults) <= set(reg)
+    assert not any(t.startswith("MeanTeacherTrainer_") for t in defaults)
