@@ -135,6 +135,29 @@ def test_crossmatch_2d_train_resume_and_predict(prepared):
     _predictions_ok(predict(prepared, "CrossMatchTrainer", "2d"), prepared)
 
 
+def test_crossmatch_with_residual_encoder_plans(prepared):
+    """nnU-Net's ResEnc plans (ResidualEncoderUNet): same preprocessed data, CrossMatch trains and stock
+    nnUNetv2_predict loads the weights."""
+    run(["nnUNetv2_plan_experiment", "-d", str(DATASET_ID), "-pl", "nnUNetPlannerResEncM"], prepared.env)
+    plans = json.load(open(os.path.join(prepared.pre, "nnUNetResEncUNetMPlans.json")))
+    cfg = plans["configurations"]["3d_fullres"]
+    assert cfg["architecture"]["network_class_name"].endswith("ResidualEncoderUNet")
+    p = run(["nnUNetv2_preprocess_unlabeled", "-d", str(DATASET_ID), "-plans_name", "nnUNetResEncUNetMPlans",
+             "-c", "3d_fullres", "-np", "1"], prepared.env)
+    assert "6 already preprocessed, writing 0" in p.stdout  # the plans' data identifier and preprocessing are shared
+    env = dict(prepared.env, nnUNet_semi_epochs="1", nnUNet_semi_iters="2", nnUNet_semi_val_iters="1")
+    run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "CrossMatchTrainer", "-p",
+         "nnUNetResEncUNetMPlans", "-device", "cpu"], env)
+    folder = os.path.join(prepared.res, "CrossMatchTrainer__nnUNetResEncUNetMPlans__3d_fullres", "fold_0")
+    ckpt = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    assert any(k.startswith("encoder.stem") for k in ckpt["network_weights"])
+    out = os.path.join(prepared.root, "pred_crossmatch_resenc")
+    run(["nnUNetv2_predict", "-i", os.path.join(prepared.raw, "imagesTs"), "-o", out, "-d", str(DATASET_ID),
+         "-c", "3d_fullres", "-p", "nnUNetResEncUNetMPlans", "-f", "0", "-tr", "CrossMatchTrainer", "-device", "cpu",
+         "--disable_tta", "-npp", "1", "-nps", "1"], prepared.env)
+    _predictions_ok(out, prepared)
+
+
 def test_zz_no_withheld_label_was_read(prepared):
     """Runs after the trainings above (pytest keeps file order): no process of planning, preprocessing,
     training, validation or prediction opened a withheld label, neither through Python (audit hook) nor
