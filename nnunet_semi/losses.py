@@ -94,5 +94,5 @@ def consistency_loss(kind: str, student_logits: torch.Tensor, teacher_logits: to
     else:
         raise ValueError(f"unknown consistency loss '{kind}' (use 'mse', 'ce' or 'dice_ce')")
     stats = {"pl_confidence": conf.mean().detach(),
-             "mask_ratio": mask.float().mean().detach() if mask is not None else torch.ones(())}
+             "mask_ratio": mask.float().mean().detach() if mask is not None else torch.ones((), device=conf.device)}
     return loss, stats

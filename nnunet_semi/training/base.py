@@ -291,8 +291,18 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         self.optimizer_step(loss)
         self.after_optimizer_step()
         out = {"loss": loss.detach().cpu().numpy(), "unsup_weight_factor": self.rampup_factor()}
-        out.update({k: float(v) for k, v in terms.items()})
+        out.update(self._terms_to_floats(terms))
         self._iter_in_epoch += 1
+        return out
+
+    def _terms_to_floats(self, terms: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """Logged terms as floats with ONE device-to-host transfer (one sync per step on GPU, not one
+        per term)."""
+        tensors = {k: v for k, v in terms.items() if torch.is_tensor(v)}
+        out = {k: float(v) for k, v in terms.items() if not torch.is_tensor(v)}
+        if tensors:
+            stacked = torch.stack([v.detach().float().reshape(()).to(self.device) for v in tensors.values()])
+            out.update(zip(tensors.keys(), stacked.cpu().tolist()))
         return out
 
     # ------------------------------------------------------------------------------------------
