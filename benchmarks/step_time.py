@@ -14,6 +14,16 @@ sampled peak RSS of the process while that trainer's steps ran).
 Requires planned + preprocessed labeled data and ``nnUNetv2_preprocess_unlabeled`` output. Timings
 include the optimizer step and, for EMA trainers, the teacher update; the first ``--warmup`` steps of
 each trainer are not counted.
+
+``--preload K`` measures the computation alone: each trainer draws K labeled batches (and the
+unlabeled batches those steps need) up front, its loader workers are stopped, and the timed steps
+cycle through the drawn batches. That is the ratio of the passes, the one a GPU machine sees when its
+loader workers keep up (data wait ~0). Without ``--preload`` the loader workers run during the steps;
+on a machine with few cores they compete with the step's own computation.
+
+On the CPU the whole process uses :func:`nnunet_semi.cpu_malloc.tune_cpu_malloc` (what every plugin
+trainer does on the CPU), so nnU-Net's own trainer is measured with the same allocator settings;
+``--no-malloc-tuning`` measures glibc's defaults for all of them.
 """
 from __future__ import annotations
 
@@ -79,6 +89,36 @@ def build(trainer_name: str, dataset: str, configuration: str, device):
     return t
 
 
+class _Cycle:
+    """An endless iterator over a fixed list of batches (``--preload``)."""
+
+    def __init__(self, items):
+        self.items, self.i = list(items), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.items[self.i % len(self.items)]
+        self.i += 1
+        return item
+
+
+def preload(t, k: int) -> None:
+    """Replace the trainer's loaders by ``k`` pre-drawn steps' worth of batches and stop its workers."""
+    labeled = [next(t.dataloader_train) for _ in range(k)]
+    unl = getattr(t, "dataloader_unlabeled", None)
+    if unl is not None:
+        per_step = getattr(t, "unlabeled_batches_per_step", 1)
+        drawn = [next(unl) for _ in range(k * per_step)]
+    for dl in (t.dataloader_train, t.dataloader_val, unl):
+        if dl is not None and hasattr(dl, "_finish"):
+            dl._finish()
+    t.dataloader_train, t.dataloader_val = _Cycle(labeled), None
+    if unl is not None:
+        t.dataloader_unlabeled = _Cycle(drawn)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-d", required=True)
@@ -89,6 +129,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--block", type=int, default=3, help="consecutive steps of one trainer per round")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--preload", type=int, default=0, metavar="K",
+                   help="time the computation alone: K pre-drawn batches per trainer, loader workers stopped")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="CPU: keep glibc's default allocator settings (see nnunet_semi/cpu_malloc.py)")
     p.add_argument("-o", help="write the results as JSON here")
     a = p.parse_args(argv)
 
@@ -96,12 +140,21 @@ def main(argv=None):
     ensure_ext_trainer()
     import torch
     device = torch.device(a.device)
+    malloc_tuned = False
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count())
+        if a.no_malloc_tuning:
+            os.environ["nnUNet_semi_cpu_malloc"] = "0"  # the plugin trainers must not apply it either
+        else:
+            from nnunet_semi.cpu_malloc import tune_cpu_malloc
+            malloc_tuned = tune_cpu_malloc()
     trainers = {}
     for name in a.tr:
         print(f"building {name} ...", flush=True)
         trainers[name] = build(name, a.d, a.c, device)
+        if a.preload:
+            print(f"drawing {a.preload} steps' batches for {name} ...", flush=True)
+            preload(trainers[name], a.preload)
     stats = {n: {"steps": [], "wait": [], "peak_mb": 0.0} for n in trainers}
     for n, t in trainers.items():  # warm-up (first steps allocate and tune kernels)
         for _ in range(a.warmup):
@@ -139,11 +192,13 @@ def main(argv=None):
             "patch_size": list(t0.configuration_manager.patch_size), "labeled_batch": t0.batch_size,
             "unlabeled_batch": {n: getattr(t, "batch_size_unlabeled", None) for n, t in trainers.items()},
             "torch_threads": torch.get_num_threads(), "n_proc_DA": os.environ.get("nnUNet_n_proc_DA"),
+            "preload": a.preload, "cpu_malloc_tuned": malloc_tuned,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
                        + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else "")}
     mem = "peak GPU MiB (max allocated)" if device.type == "cuda" else "peak RSS MiB (sampled, process)"
     print(f"\n{a.c}, patch {info['patch_size']}, labeled batch {info['labeled_batch']}, {info['device']}, "
-          f"{info['machine']}")
+          f"{info['machine']}" + (f", computation only ({a.preload} pre-drawn batches)" if a.preload else "")
+          + (", glibc malloc tuned" if malloc_tuned else ""))
     print(f"| trainer | median step (s) | x {a.tr[0]} | data wait (% of step) | {mem} |")
     print("|---|---|---|---|---|")
     for r in rows:

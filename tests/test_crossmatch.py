@@ -176,7 +176,7 @@ class VoxelNet(nn.Module):
     def logits(self, x, k):
         return torch.cat((torch.zeros_like(x[:, :1]), k * self.scale * x[:, :1]), 1)
 
-    def forward(self, x, fp_from=None, p_weak=0.25, p_strong=0.75, fp_masks=None):
+    def forward(self, x, fp_from=None, p_weak=0.25, p_strong=0.75, fp_masks=None, clean_no_grad=0):
         self.calls.append((x.detach().clone(), fp_from, torch.is_grad_enabled()))
         if fp_from is None:
             return self.logits(x, 1.0)
@@ -261,6 +261,22 @@ def test_streams_decoded_in_one_call_equal_one_by_one(ndim, resenc):
     torch.testing.assert_close(weak, ref_weak, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(strong, ref_strong, rtol=1e-4, atol=1e-5)
     assert weak.shape == strong.shape == (2, NUM_CLASSES) + (16,) * ndim
+    # clean_no_grad: the last sample's clean stream decoded in a separate no-grad call gives the same
+    # outputs and, for a loss that ignores that stream (as CrossMatch's do), the same gradients
+    grads = []
+    for n_ng in (0, 1):
+        net.zero_grad()
+        c, w, st = net(x, fp_from=k, fp_masks=(weak_masks, strong_masks), clean_no_grad=n_ng)
+        for a, r in zip(c, ref_clean):
+            torch.testing.assert_close(a.detach(), r, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w.detach(), ref_weak, rtol=1e-4, atol=1e-5)
+        (c[0][:2].square().mean() + w.square().mean() + st.square().mean()).backward()
+        grads.append([None if p.grad is None else p.grad.clone() for p in net.parameters()])
+    assert sum(g is not None for g in grads[0]) > len(grads[0]) // 2
+    for g0, g1 in zip(*grads):
+        assert (g0 is None) == (g1 is None)
+        if g0 is not None:
+            torch.testing.assert_close(g0, g1, rtol=1e-4, atol=1e-6)
     # random masks: independent per feature map, the streams differ from the clean one and from each other
     with torch.no_grad():
         _, w1, s1 = net(x, fp_from=k)
@@ -433,3 +449,32 @@ def test_total_keeps_nnunet_loss_scale_and_the_codes_ratios():
     code = (terms["loss_sup"] + 0.25 * terms["loss_s1"] + 0.25 * terms["loss_s2"] + 0.5 * kd) / 2
     assert totals[False].item() == pytest.approx(code.item(), rel=1e-5)
     assert totals[True].item() == pytest.approx(4 * code.item(), rel=1e-5)
+
+
+def test_mix_source_runs_only_the_samples_whose_box_is_used():
+    net = build(CrossMatchTrainer, 2, False, deep_supervision=True)
+    seen = []
+    real_forward = net.forward
+    net.forward = lambda x, **kw: seen.append((x.shape[0], kw.get("fp_from"))) or real_forward(x, **kw)
+    tr = minimal_trainer(net, None, 2)
+    m = torch.randn(4, 1, 16, 16)
+    fp = {"p_weak": 0.0, "p_strong": 0.0}   # dropout streams == clean stream, so rows can be compared
+    with torch.no_grad():
+        ref = net.decoder(net.encoder(m))[0]
+    none, full = torch.zeros(16, 16, dtype=torch.bool), torch.ones(16, 16, dtype=torch.bool)
+    # sample 0: no box; 1: box in view 1 only; 2: box in view 2 only; 3: both
+    box1 = torch.stack([none, full, none, full])
+    box2 = torch.stack([none, none, full, full])
+    mix, mix_weak, mix_strong = tr.mix_source_predictions(m, box1, box2, fp)
+    assert seen == [(3, 1)]   # samples 1 (clean only) then 2, 3 (with dropout streams)
+    assert not mix[0].any() and not mix_weak[:2].any() and not mix_strong[:2].any()
+    torch.testing.assert_close(mix[1:], ref[1:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mix_weak[2:], ref[2:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mix_strong[2:], ref[2:], rtol=1e-4, atol=1e-5)
+    # no box at all: no forward pass; paper-time code: a plain pass on the boxed samples only
+    seen.clear()
+    assert not tr.mix_source_predictions(m, box1 & False, box2 & False, fp)[0].any() and seen == []
+    tr.fp_labels_from_mix_source = False
+    mix, mix_weak, mix_strong = tr.mix_source_predictions(m, box1, box2, fp)
+    assert seen == [(3, None)] and mix_weak is None and mix_strong is None
+    torch.testing.assert_close(mix[1:], ref[1:], rtol=1e-4, atol=1e-5)

@@ -1,11 +1,13 @@
 """What every trainer of the plugin adds to nnU-Net's, the supervised reference included, so all arms of
-a comparison behave alike: the ``nnUNet_semi_*`` budget/seed variables and a cross-validation split
-that works with the few labeled cases semi-supervised settings have."""
+a comparison behave alike: the ``nnUNet_semi_*`` budget/seed variables, a cross-validation split
+that works with the few labeled cases semi-supervised settings have, and on the CPU glibc's allocator
+told to reuse freed tensor memory (see :mod:`nnunet_semi.cpu_malloc`)."""
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, save_json
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 
+from nnunet_semi.cpu_malloc import ENV_VAR as MALLOC_ENV_VAR, tune_cpu_malloc
 from nnunet_semi.training.budget import apply_budget_overrides
 
 
@@ -14,6 +16,9 @@ class PluginTrainerMixin:
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_budget_overrides(self)
+        if self.device.type == "cpu" and tune_cpu_malloc():
+            self.print_to_log_file(f"CPU training: glibc malloc set to reuse freed tensor memory (no mmap, no "
+                                   f"trim; {MALLOC_ENV_VAR}=0 switches this off)")
 
     def do_split(self):
         """nnU-Net's split, except that with fewer than 5 labeled cases (nnU-Net's 5-fold split fails
