@@ -8,7 +8,7 @@ batch of 2 mostly stays under the threshold, while the semi-supervised trainers'
 (CrossMatch decodes 16 samples in one call) go over it. Measured on the project's 2-core CPU with
 nnU-Net's Hippocampus U-Net (forward + backward, the sample count in the batch): per-sample time
 0.45 s (2), 0.61 s (8), 0.87 s (16), with 11 s of the 14 s at 16 samples spent in the kernel on page
-faults. With the settings below: 0.39, 0.37 and 0.43 s, and 2.0 s in the kernel.
+faults. With the settings below: 0.39, 0.36 and 0.38 s, and 0.9 s in the kernel.
 
 :func:`tune_cpu_malloc` asks glibc (``mallopt``) to serve large blocks from its heap (``M_MMAP_MAX =
 0``) and never to trim the heap (``M_TRIM_THRESHOLD = -1``), so the memory of one step is reused by the next.

@@ -232,3 +232,40 @@ def test_atomic_save_keeps_the_previous_file_on_failure(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(torch.load(f)["v"], torch.ones(3))
     assert os.listdir(tmp_path) == ["checkpoint_latest.pth"]
+
+
+_MALLOC_PROBE = r"""
+import resource, sys, time, torch
+from nnunet_semi import cpu_malloc
+tuned = cpu_malloc.tune_cpu_malloc()
+assert cpu_malloc.tune_cpu_malloc() == tuned      # once per process
+torch.set_num_threads(1)
+x = torch.empty(0)
+def step():                                      # 8 x 64 MiB blocks allocated, touched and freed
+    blocks = [torch.ones(16 * 2 ** 20) for _ in range(8)]
+    return sum(float(b[0]) for b in blocks)
+step()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(int(tuned), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_cpu_malloc_tuning_reuses_freed_tensor_memory():
+    """With the tuning, freed large tensors are reused by the next step instead of being unmapped and
+    page-faulted again (the cause of the 2x slower stacked CPU steps); switched off by the env var."""
+    import subprocess
+    from nnunet_semi import cpu_malloc
+    assert cpu_malloc.enabled({}) and not cpu_malloc.enabled({cpu_malloc.ENV_VAR: "0"})
+    faults = {}
+    for setting in ("1", "0"):
+        env = dict(os.environ, **{cpu_malloc.ENV_VAR: setting})
+        out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        faults[setting] = (int(out[0]), int(out[1]))
+    assert faults["1"][0] == 1 and faults["0"][0] == 0
+    # untuned: every 64 MiB block is mmapped afresh (16384 pages each, 5 x 8 blocks); tuned: reused
+    assert faults["0"][1] > 5 * 8 * 16384 * 0.9
+    assert faults["1"][1] < faults["0"][1] / 4
