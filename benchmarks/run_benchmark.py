@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the preprocessed data are reused")
     p.add_argument("--cpu-features-scale", type=float, default=0.5, help="features_per_stage factor (default 0.5)")
     p.add_argument("--cpu-batch-size", type=int, default=None, help="batch size of <config>_cpu (default min(base, 2))")
+    p.add_argument("--cpu-patch-size", type=int, nargs="+", default=None,
+                   help="patch size of <config>_cpu (default: inherited); multiples of the network's total stride")
     p.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--disable_tta", action="store_true", help="predict without mirroring (nnUNetv2_predict --disable_tta)")
     p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step size (default 0.5)")
@@ -103,7 +105,8 @@ def main(argv=None) -> int:
             val_iters=args.val_iters, save_every=args.save_every, device=args.device or default_device(),
             eval_group=args.eval_group, disable_tta=args.disable_tta, step_size=args.step_size,
             plans_config=args.plans_config, cpu_features_scale=args.cpu_features_scale,
-            cpu_batch_size=args.cpu_batch_size, empty_policy=args.empty_policy, num_processes=args.num_processes,
+            cpu_batch_size=args.cpu_batch_size, cpu_patch_size=args.cpu_patch_size, empty_policy=args.empty_policy,
+            num_processes=args.num_processes,
             n_proc_da=args.n_proc_da, def_n_proc=args.def_n_proc, raw=raw, preprocessed=pre,
             **({"results_template": os.path.abspath(args.results_dir)} if args.results_dir else {}))
         bench = Benchmark(settings, dry_run=args.dry_run)

@@ -47,7 +47,8 @@ CHECKPOINT = "checkpoint_final.pth"
 EVAL_GROUPS = ("all", "val", "test")
 #: settings that must not change when a benchmark folder is resumed
 KEY_SETTINGS = ("dataset", "configuration", "plans", "fold", "epochs", "iters", "val_iters", "device",
-                "plans_config", "cpu_features_scale", "cpu_batch_size", "eval_group", "disable_tta", "step_size")
+                "plans_config", "cpu_features_scale", "cpu_batch_size", "cpu_patch_size", "eval_group", "disable_tta",
+                "step_size")
 #: logged per-epoch keys of the semi-supervised trainers drawn on the "ratio" axis
 RATIO_TERMS = ("pl_confidence", "mask_ratio", "unsup_weight_factor", "tau")
 NNUNET_LOG_KEYS = ('mean_fg_dice', 'ema_fg_dice', 'dice_per_class_or_region', 'train_losses', 'val_losses', 'lrs',
@@ -362,13 +363,16 @@ def resolve_configuration(plans: dict, name: str, _seen: Tuple[str, ...] = ()) -
 
 
 def cpu_configuration_entry(plans: dict, base: str, features_scale: float = 0.5,
-                            batch_size: Optional[int] = None) -> Tuple[dict, dict]:
+                            batch_size: Optional[int] = None,
+                            patch_size: Optional[Sequence[int]] = None) -> Tuple[dict, dict]:
     """The plans entry of ``<base>_cpu`` and a description of the change.
 
     ``<base>_cpu`` = ``{"inherits_from": base, "batch_size": B, "architecture": A}`` where A is the base
     architecture with ``arch_kwargs.features_per_stage`` multiplied by ``features_scale`` (rounded, at
-    least 4) and B = ``batch_size`` or min(base batch size, 2). Everything else (patch size, spacing,
-    normalisation, data_identifier, hence the preprocessed data) is inherited unchanged."""
+    least 4) and B = ``batch_size`` or min(base batch size, 2). ``patch_size`` (optional) replaces the
+    patch (training patches and the sliding window alike); each axis must be a multiple of the
+    network's total stride on that axis. Everything else (spacing, normalisation, data_identifier,
+    hence the preprocessed data) is inherited unchanged."""
     parent = resolve_configuration(plans, base)
     if "architecture" not in parent or "features_per_stage" not in parent["architecture"].get("arch_kwargs", {}):
         raise BenchmarkError(f"configuration '{base}' has no architecture.arch_kwargs.features_per_stage "
@@ -384,29 +388,46 @@ def cpu_configuration_entry(plans: dict, base: str, features_scale: float = 0.5,
     if new_bs < 1:
         raise BenchmarkError("--cpu-batch-size must be >= 1")
     entry = {"inherits_from": base, "batch_size": new_bs, "architecture": arch}
-    change = {"name": f"{base}_cpu", "inherits_from": base,
-              "changes": {"architecture.arch_kwargs.features_per_stage": {"from": old_features, "to": new_features},
-                          "batch_size": {"from": old_bs, "to": new_bs}},
-              "inherited_unchanged": "everything else, incl. patch_size, spacing, normalization, data_identifier "
+    changes = {"architecture.arch_kwargs.features_per_stage": {"from": old_features, "to": new_features},
+               "batch_size": {"from": old_bs, "to": new_bs}}
+    if patch_size:
+        old_patch = [int(v) for v in parent["patch_size"]]
+        new_patch = [int(v) for v in patch_size]
+        if len(new_patch) != len(old_patch):
+            raise BenchmarkError(f"--cpu-patch-size needs {len(old_patch)} values for '{base}' (its patch is "
+                                 f"{old_patch}), got {new_patch}")
+        total = [1] * len(old_patch)
+        for stride in arch["arch_kwargs"].get("strides", []):
+            stride = [stride] * len(total) if isinstance(stride, int) else stride
+            total = [t * int(v) for t, v in zip(total, stride)]
+        bad = [(p, t) for p, t in zip(new_patch, total) if p < t or p % t]
+        if bad:
+            raise BenchmarkError(f"--cpu-patch-size {new_patch}: each axis must be a multiple of the network's total "
+                                 f"stride {total} (the base patch is {old_patch})")
+        entry["patch_size"] = new_patch
+        changes["patch_size"] = {"from": old_patch, "to": new_patch}
+    change = {"name": f"{base}_cpu", "inherits_from": base, "changes": changes,
+              "inherited_unchanged": "everything else, incl. " + ("" if patch_size else "patch_size, ")
+                                     + "spacing, normalization, data_identifier "
                                      f"('{parent.get('data_identifier')}': the preprocessed data are reused)",
               "features_scale": features_scale}
     return entry, change
 
 
 def add_cpu_configuration(plans_file: str, base: str, features_scale: float = 0.5, batch_size: Optional[int] = None,
-                          write: bool = True) -> dict:
+                          write: bool = True, patch_size: Optional[Sequence[int]] = None) -> dict:
     """Add ``<base>_cpu`` (see :func:`cpu_configuration_entry`) to a plans JSON. Idempotent; refuses to
     replace a different existing definition. Returns the change description."""
     with open(plans_file) as f:
         plans = json.load(f)
-    entry, change = cpu_configuration_entry(plans, base, features_scale, batch_size)
+    entry, change = cpu_configuration_entry(plans, base, features_scale, batch_size, patch_size)
     name = change["name"]
     existing = plans["configurations"].get(name)
     if existing is not None:
         if existing != entry:
             raise BenchmarkError(f"{plans_file} already has a configuration '{name}' that differs from the one "
                                  f"requested ({json.dumps(existing)[:300]}...). Remove it from the plans or use the same "
-                                 f"--cpu-features-scale/--cpu-batch-size as before.")
+                                 f"--cpu-features-scale/--cpu-batch-size/--cpu-patch-size as before.")
         change["status"] = "already present"
     elif write:
         plans["configurations"][name] = entry
@@ -445,6 +466,7 @@ class BenchmarkSettings:
     plans_config: bool = False
     cpu_features_scale: float = 0.5
     cpu_batch_size: Optional[int] = None
+    cpu_patch_size: Optional[List[int]] = None
     empty_policy: str = "default"
     #: nnUNetv2_plan_and_preprocess --verify_dataset_integrity when the harness plans the dataset
     verify_integrity: bool = True
@@ -645,12 +667,11 @@ class Benchmark:
                        "-np", n], env, os.path.join(s.out, "logs", "preprocess.log"))
         if s.plans_config:
             self.plans_change = add_cpu_configuration(self.plans_file, s.configuration, s.cpu_features_scale,
-                                                      s.cpu_batch_size, write=not self.dry_run)
+                                                      s.cpu_batch_size, write=not self.dry_run,
+                                                      patch_size=s.cpu_patch_size)
             ch = self.plans_change["changes"]
             say(f"configuration {self.plans_change['name']} ({self.plans_change['status']}): inherits_from "
-                f"{s.configuration}; features_per_stage {ch['architecture.arch_kwargs.features_per_stage']['from']} -> "
-                f"{ch['architecture.arch_kwargs.features_per_stage']['to']}; batch_size {ch['batch_size']['from']} -> "
-                f"{ch['batch_size']['to']}")
+                f"{s.configuration}; " + "; ".join(f"{k.split('.')[-1]} {v['from']} -> {v['to']}" for k, v in ch.items()))
         if any(is_semi_supervised(self.registered[t]) for t in s.trainers):
             self.ensure_unlabeled(base["data_identifier"], env, n)
 
@@ -658,7 +679,8 @@ class Benchmark:
         s = self.s
         if s.plans_config:
             say(f"(dry run) then add configuration {s.configuration}_cpu (inherits_from {s.configuration}, "
-                f"features x{s.cpu_features_scale}, batch {s.cpu_batch_size or 'min(base, 2)'}) to {self.plans_file}")
+                f"features x{s.cpu_features_scale}, batch {s.cpu_batch_size or 'min(base, 2)'}"
+                + (f", patch {s.cpu_patch_size}" if s.cpu_patch_size else "") + f") to {self.plans_file}")
         if any(is_semi_supervised(self.registered[t]) for t in s.trainers):
             print(shell_line(["nnUNetv2_preprocess_unlabeled", "-d", str(self.dataset_id), "-c",
                               s.effective_configuration, "-plans_name", s.plans, "-np", str(max(1, s.num_processes))]))

@@ -219,6 +219,26 @@ def test_cpu_configuration_inherits_and_is_idempotent(tmp_path):
         add_cpu_configuration(plans_file, "3d_fullres", features_scale=0.25)
 
 
+def test_cpu_configuration_with_a_smaller_patch(tmp_path):
+    from nnunet_semi.benchmarking import BenchmarkError, add_cpu_configuration
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans = _plans()
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["strides"] = [[1, 1, 1], [2, 2, 2], [2, 2, 1],
+                                                                                      [2, 2, 1]]
+    plans_file = str(tmp_path / "nnUNetPlans.json")
+    json.dump(plans, open(plans_file, "w"))
+    for bad, msg in (([20, 32, 40], "multiple of the network's total stride"), ([32, 32], "needs 3 values")):
+        with pytest.raises(BenchmarkError, match=msg):
+            add_cpu_configuration(plans_file, "3d_fullres", patch_size=bad)
+    assert "3d_fullres_cpu" not in json.load(open(plans_file))["configurations"]   # nothing written on error
+    change = add_cpu_configuration(plans_file, "3d_fullres", patch_size=[16, 24, 10])   # strides total 8, 8, 2
+    assert change["changes"]["patch_size"] == {"from": [40, 56, 40], "to": [16, 24, 10]}
+    cm = PlansManager(json.load(open(plans_file))).get_configuration("3d_fullres_cpu")
+    assert list(cm.patch_size) == [16, 24, 10] and cm.data_identifier == "nnUNetPlans_3d_fullres"
+    with pytest.raises(BenchmarkError, match="differs"):   # a resumed benchmark cannot silently change the patch
+        add_cpu_configuration(plans_file, "3d_fullres")
+
+
 def test_epoch_progress_parses_nnunet_log_lines():
     from nnunet_semi.benchmarking import EpochProgress
     p = EpochProgress("MT seed 0", 5)
