@@ -547,8 +547,10 @@ class Benchmark:
 
     def budget_env(self, seed: Optional[int]) -> Dict[str, str]:
         s = self.s
+        # nnU-Net's validation after training is not used (held-out cases are predicted from checkpoint_final)
         env = {"nnUNet_semi_epochs": str(s.epochs), "nnUNet_semi_iters": str(s.iters),
-               "nnUNet_semi_val_iters": str(s.val_iters), "nnUNet_semi_save_every": str(s.save_every)}
+               "nnUNet_semi_val_iters": str(s.val_iters), "nnUNet_semi_save_every": str(s.save_every),
+               "nnUNet_semi_skip_final_validation": "1"}
         if seed is not None:
             env["nnUNet_semi_seed"] = str(seed)
         return env

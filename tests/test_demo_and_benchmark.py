@@ -101,8 +101,12 @@ def test_quick_demo_end_to_end(quick_demo):
     for f in ("results.md", "results.json", "benchmark.png", "settings.json", "demo_timings.json"):
         assert os.path.isfile(os.path.join(out, f)), f
     for t in TRAINERS:
-        assert os.path.isfile(os.path.join(out, "nnUNet_results", "Dataset991_SemiDemo",
-                                           f"{t}__nnUNetPlans__3d_fullres", "fold_all", "checkpoint_final.pth"))
+        fold = os.path.join(out, "nnUNet_results", "Dataset991_SemiDemo", f"{t}__nnUNetPlans__3d_fullres", "fold_all")
+        assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
+        # nnU-Net's validation after training is skipped (nnUNet_semi_skip_final_validation), and says so
+        assert not os.path.exists(os.path.join(fold, "validation"))
+        logs = [open(os.path.join(fold, f)).read() for f in os.listdir(fold) if f.startswith("training_log")]
+        assert any("validation after training is skipped" in x and "--val" in x for x in logs), t
     print(f"quick demo: {quick_demo['seconds']:.0f} s")
 
 

@@ -84,7 +84,8 @@ lowest one 1e-6 instead of 0 under DDP for this), so DDP needs no ``find_unused_
 forward has no data-dependent Python control flow (dropout is a tensor op, CutMix happens outside
 the network), so nnU-Net's ``torch.compile`` stays enabled (``_do_i_compile`` is not overridden;
 checked with inductor on CPU: no graph break, one graph per call signature: fp grad pass, fp no-grad pass,
-plain forward with and without DS). A subclass that changes the architecture must pass its network
+plain forward with and without DS; ``torch._dynamo.explain`` shows no break with ``clean_no_grad`` either).
+The mix-source pass runs 1 to B_u samples, so dynamo recompiles it once with a dynamic batch dimension. A subclass that changes the architecture must pass its network
 through :func:`add_feature_perturbation`.
 """
 from __future__ import annotations

@@ -9,6 +9,8 @@ a benchmark or a quick CPU run gives every arm the same budget without new train
 - ``nnUNet_semi_seed``: seed python, numpy and torch when the trainer is built (network initialisation,
   sampling in the main process; augmentation workers get seeds derived from it), so benchmark repeats
   differ by seed and a seed can be re-run. nnU-Net itself is not bit-deterministic (workers, cuDNN).
+- ``nnUNet_semi_skip_final_validation``: ``1`` skips the validation nnU-Net runs right after training
+  (``nnUNetv2_train ... --val`` still runs it); benchmarks and the demo evaluate held-out cases instead.
 
 They are read when the trainer is built; the values in force are printed to the training log.
 """
@@ -16,8 +18,15 @@ from __future__ import annotations
 
 import os
 
+SKIP_FINAL_VALIDATION_VAR = "nnUNet_semi_skip_final_validation"
 BUDGET_VARS = {"nnUNet_semi_epochs": "num_epochs", "nnUNet_semi_iters": "num_iterations_per_epoch",
                "nnUNet_semi_val_iters": "num_val_iterations_per_epoch", "nnUNet_semi_save_every": "save_every"}
+
+
+def env_flag(name: str, environ=None) -> bool:
+    """A yes/no environment variable: 1/true/yes/on (any case) is yes; unset, empty or anything else no."""
+    environ = os.environ if environ is None else environ
+    return environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def apply_budget_overrides(trainer) -> dict:

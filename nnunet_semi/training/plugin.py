@@ -1,14 +1,16 @@
 """What every trainer of the plugin adds to nnU-Net's, the supervised reference included, so all arms of
 a comparison behave alike: the ``nnUNet_semi_*`` budget/seed variables, a cross-validation split
-that works with the few labeled cases semi-supervised settings have, and on the CPU glibc's allocator
-told to reuse freed tensor memory (see :mod:`nnunet_semi.cpu_malloc`)."""
+that works with the few labeled cases semi-supervised settings have, on the CPU glibc's allocator
+told to reuse freed tensor memory (see :mod:`nnunet_semi.cpu_malloc`), and an opt-in skip of the
+validation nnU-Net runs after training (``nnUNet_semi_skip_final_validation=1``, for benchmarks and
+demos that evaluate held-out cases themselves; ``nnUNetv2_train ... --val`` still runs it)."""
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, save_json
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 
 from nnunet_semi.cpu_malloc import ENV_VAR as MALLOC_ENV_VAR, tune_cpu_malloc
-from nnunet_semi.training.budget import apply_budget_overrides
+from nnunet_semi.training.budget import SKIP_FINAL_VALIDATION_VAR, apply_budget_overrides, env_flag
 
 
 class PluginTrainerMixin:
@@ -19,6 +21,19 @@ class PluginTrainerMixin:
         if self.device.type == "cpu" and tune_cpu_malloc():
             self.print_to_log_file(f"CPU training: glibc malloc set to reuse freed tensor memory (no mmap, no "
                                    f"trim; {MALLOC_ENV_VAR}=0 switches this off)")
+
+    def on_train_end(self):
+        super().on_train_end()
+        self._semi_just_trained = True
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if getattr(self, "_semi_just_trained", False) and env_flag(SKIP_FINAL_VALIDATION_VAR):
+            self.print_to_log_file(f"{SKIP_FINAL_VALIDATION_VAR}=1: nnU-Net's validation after training is skipped. "
+                                   f"Run it later with: nnUNetv2_train {self.plans_manager.dataset_name} "
+                                   f"{self.configuration_name} {self.fold} -tr {type(self).__name__} "
+                                   f"-p {self.plans_manager.plans_name} --val")
+            return
+        return super().perform_actual_validation(save_probabilities)
 
     def do_split(self):
         """nnU-Net's split, except that with fewer than 5 labeled cases (nnU-Net's 5-fold split fails
