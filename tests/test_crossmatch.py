@@ -478,3 +478,26 @@ def test_mix_source_runs_only_the_samples_whose_box_is_used():
     mix, mix_weak, mix_strong = tr.mix_source_predictions(m, box1, box2, fp)
     assert seen == [(3, None)] and mix_weak is None and mix_strong is None
     torch.testing.assert_close(mix[1:], ref[1:], rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_precision_step_matches_float32():
+    """Under autocast (nnU-Net uses it on CUDA; bfloat16 on the CPU here exercises the same dtype mixing:
+    low-precision logits, float32 pseudo-labels, Dice and mix-source buffers) the step is finite, every
+    parameter gets a gradient, and the loss is the float32 loss up to the precision."""
+    net = build(CrossMatchTrainer, 2, False, deep_supervision=True)
+    data, target, us = _step_inputs(2, seed=5)
+    with torch.no_grad():
+        tgt = ds_targets(net(data), target)
+    tr = minimal_trainer(net, nnunet_loss(len(tgt)), 2, tau=0.4, cutmix_p=1.0)
+    losses = []
+    for amp in (False, True):
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(21)   # same boxes and dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss, terms = tr.compute_loss(data, tgt, us)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in net.named_parameters()
+                   if not n.startswith("decoder.seg_layers.0."))
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)
