@@ -701,19 +701,10 @@ class Benchmark:
         with open(self.plans_file) as f:
             plans = json.load(f)
         if cfg not in plans["configurations"]:  # dry run: the _cpu configuration is not written yet
-            say(f"(dry run) the unlabeled data in {data_identifier}_unlabeled will be checked against {cfg}; if the "
-                f"plugin's plans identity does not resolve inherits_from: {shell_line(cmd)} --overwrite")
+            say(f"(dry run) the unlabeled data in {data_identifier}_unlabeled will be checked against {cfg} (a _cpu "
+                f"configuration shares its parent's plans identity: same preprocessing)")
             return
         if manifest.get("plans_identity") == plans_identity(plans, cfg):
-            return
-        if s.plans_config and manifest.get("plans_identity") == plans_identity(plans, s.configuration):
-            # The unlabeled data were preprocessed for the parent configuration, whose preprocessing the _cpu
-            # configuration inherits unchanged. nnunet_semi.layout.plans_identity hashes the configuration entry
-            # without resolving inherits_from, so the trainers would reject the manifest: re-preprocess (same
-            # data identifier, same preprocessing) under the _cpu configuration's identity.
-            say(f"note: {data_identifier}_unlabeled was preprocessed for {s.configuration}; the plugin's plans "
-                f"identity does not resolve inherits_from, so it is re-written for {cfg} (identical preprocessing)")
-            self._run(cmd + ["--overwrite"], env, log)
             return
         raise BenchmarkError(f"the unlabeled data in {self.pre_folder}/{data_identifier}_unlabeled were preprocessed "
                              f"with other plans than {self.plans_file} ({cfg}). Re-run: {shell_line(cmd)} --overwrite")
