@@ -149,8 +149,9 @@ class EpochProgress:
             parts.append(f"{float(m.group(1)):.1f} s/epoch")
             return f"    {self.label}: " + ", ".join(parts)
         if text.startswith("Training done."):
-            return f"    {self.label}: training done ({fmt_seconds(time.time() - self.t_start)}); nnU-Net's final " \
-                   f"validation on the training fold follows"
+            return f"    {self.label}: training done ({fmt_seconds(time.time() - self.t_start)})"
+        if "validation after training is skipped" in text:
+            return f"    {self.label}: nnU-Net's validation after training skipped (nnUNet_semi_skip_final_validation)"
         if text.startswith("Mean Validation Dice"):
             nums = _numbers(text[len("Mean Validation Dice"):])
             return f"    {self.label}: nnU-Net's final validation Dice (training fold) " + \

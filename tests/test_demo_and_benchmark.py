@@ -254,6 +254,8 @@ def test_epoch_progress_parses_nnunet_log_lines():
     msg = p.feed("2026-01-01 10:00:09.5: Epoch time: 9.51 s")
     assert msg == "    MT seed 0: epoch 3/5, train_loss -0.4123, loss_unsup 0.0123, pseudo Dice 0.700, 9.5 s/epoch"
     assert "training done" in p.feed("2026-01-01 10:01:00.0: Training done.")
+    assert "skipped" in p.feed("2026-01-01 10:01:01.0: nnUNet_semi_skip_final_validation=1: nnU-Net's validation "
+                               "after training is skipped. Run it later with: nnUNetv2_train 1 2d all --val")
 
 
 def test_aggregate_pairs_seeds_and_cases():
