@@ -938,14 +938,28 @@ class Benchmark:
                 self.save_curves(trainer, seed)
 
     # ---- report ----------------------------------------------------------------------------
+    def report_scope(self) -> Tuple[List[str], List[int]]:
+        """The trainers and seeds the report covers: every one recorded in ``<out>/settings.json`` (the union
+        over all invocations on this folder) plus those of this call, so that a call with ``-s 1`` or one
+        ``-tr`` does not shrink ``results.md`` to its own runs."""
+        trainers, seeds = list(self.s.trainers), list(self.s.seeds)
+        path = os.path.join(self.s.out, "settings.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                old = json.load(f)
+            trainers = list(dict.fromkeys(list(old.get("trainers", [])) + trainers))
+            seeds = sorted(set(old.get("seeds", [])) | set(seeds))
+        return trainers, seeds
+
     def report(self, reevaluate: bool = False) -> dict:
         s = self.s
-        say("evaluate")
+        trainers, seeds = self.report_scope()
+        say(f"evaluate: trainers {', '.join(trainers)}; seeds {seeds} (every run recorded in this folder)")
         summaries: Dict[str, Dict[int, dict]] = {}
         curves: Dict[str, Dict[int, dict]] = {}
         missing = []
-        for trainer in s.trainers:
-            for seed in s.seeds:
+        for trainer in trainers:
+            for seed in seeds:
                 summ = self.evaluate(trainer, seed, force=reevaluate)
                 if summ is None:
                     missing.append(f"{trainer}/seed {seed}")
@@ -965,7 +979,7 @@ class Benchmark:
         agg["missing_runs"] = missing
         agg["runs"] = runs
         title = (f"{self.dataset_name}, configuration {s.effective_configuration}, fold {s.fold}, "
-                 f"{s.epochs} epochs x {s.iters} iterations, seeds {s.seeds}")
+                 f"{s.epochs} epochs x {s.iters} iterations, seeds {seeds}")
         if s.empty_policy != "default":
             title += f", empty-mask policy '{s.empty_policy}'"
         md = results_markdown(agg, title, self.settings_dict())

@@ -150,6 +150,16 @@ def test_benchmark_harness_report_skip_resume(quick_demo):
     assert {"cpu_count", "torch", "device"} <= set(settings["machine"])
     assert settings["git_commit"] == "unknown" or re.match(r"^[0-9a-f]{40}", settings["git_commit"])
 
+    # 1b. a call naming one trainer still reports every run recorded in the folder
+    one = _bench_cmd(out, "--report-only")
+    i = one.index("-tr")
+    one[i + 1:i + 1 + len(TRAINERS)] = [TRAINERS[-1]]
+    p = _run(one, root, os.path.join(root, "bench_one.log"))
+    assert p.returncode == 0, p.stdout[-6000:]
+    assert re.search(r"evaluate: trainers " + ", ".join(settings["trainers"]) + r"; seeds \[0\]", p.stdout), p.stdout
+    assert sorted(m for m, c, _ in _table_rows(open(os.path.join(out, "results.md")).read()) if c == "Mean") \
+        == sorted(TRAINERS)
+
     # 2. an interrupted training (only checkpoint_latest) is planned as a --c resume
     final = os.path.join(model["SupervisedBaselineTrainer"], "checkpoint_final.pth")
     latest = os.path.join(model["SupervisedBaselineTrainer"], "checkpoint_latest.pth")
