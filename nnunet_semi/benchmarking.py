@@ -764,8 +764,7 @@ class Benchmark:
             with open(path) as f:
                 old = json.load(f)
             d["first_started"] = old.get("first_started", old.get("started"))
-            d["trainers"] = list(dict.fromkeys(list(old.get("trainers", [])) + list(d["trainers"])))
-            d["seeds"] = sorted(set(old.get("seeds", [])) | set(d["seeds"]))
+            d["trainers"], d["seeds"] = self.report_scope()
         d["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
         d.setdefault("first_started", d["started"])
         with open(path, "w") as f:
