@@ -71,8 +71,8 @@ Forward passes per step (B_l labeled, B_u unlabeled patches per rank; encoder / 
 That is at most B_l + 4 B_u encoder and B_l + 10 B_u decoder samples (on average B_l + 3.75 B_u and
 B_l + 8.75 B_u), of which B_l + 3 B_u and B_l + 6 B_u keep activations for the backward (the released
 code: 2 B_l + 5 B_u and 2 B_l + 11 B_u, all but B_u with autograd). ``single_student_pass = False``
-splits pass 2 into the released code's two calls,
-[x; u_w] and [u_s1; u_s2] (identical results with instance norm; differs with batch norm).
+splits pass 2 into the released code's two calls, [x; u_w] and [u_s1; u_s2] (identical results with
+instance norm; differs with batch norm).
 
 Network, DDP and compile: ``build_network_architecture`` returns nnU-Net's network (PlainConvUNet,
 ResidualEncoderUNet, ...) with its class swapped to a subclass that mixes in
@@ -87,8 +87,7 @@ the network), so nnU-Net's ``torch.compile`` stays enabled (``_do_i_compile`` is
 checked with inductor on CPU: no graph break, one graph per call signature: fp grad pass, fp no-grad pass,
 plain forward with and without DS; ``torch._dynamo.explain`` shows no break with ``clean_no_grad`` either).
 The mix-source pass runs 1 to B_u samples, so dynamo recompiles it once with a dynamic batch dimension.
-A subclass that changes the architecture must pass its network
-through :func:`add_feature_perturbation`.
+A subclass that changes the architecture must pass its network through :func:`add_feature_perturbation`.
 """
 from __future__ import annotations
 
