@@ -18,8 +18,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnunet_semi.data.loader import UnlabeledBatch
 from nnunet_semi.methods import crossmatch as cm
 from nnunet_semi.methods.crossmatch import (CrossMatchTrainer, CrossMatchTrainer_annealedTau, CrossMatchTrainer_paper,
-                                            FeaturePerturbationUNet, add_feature_perturbation, annealed_tau,
-                                            crossmatch_unsupervised_terms)
+                                            CrossMatchTrainer_rampUp, FeaturePerturbationUNet,
+                                            add_feature_perturbation, annealed_tau, crossmatch_unsupervised_terms)
 from nnunet_semi.perturbations import channel_dropout_mask, perturb_skips
 
 NUM_CLASSES = 3
@@ -501,3 +501,30 @@ def test_mixed_precision_step_matches_float32():
                    if not n.startswith("decoder.seg_layers.0."))
         losses.append(loss.item())
     assert losses[1] == pytest.approx(losses[0], rel=0.05)
+
+
+def test_rampup_variant_scales_only_the_unsupervised_terms():
+    """CrossMatchTrainer_rampUp: total = (L_sup + r(t) L_u) x kept scale, r = exp(-5 (1 - t/T)^2) over the first
+    half of training; same inputs and boxes as the default trainer, whose r is 1."""
+    net = build(CrossMatchTrainer, 2, False, deep_supervision=True)
+    data, target, us = _step_inputs(2, seed=4)
+    with torch.no_grad():
+        tgt = ds_targets(net(data), target)
+        loss_fn = nnunet_loss(len(tgt))
+    steps = 10 * 10
+    for step, factor in ((0, math.exp(-5)), (25, math.exp(-5 * 0.25)), (50, 1.0), (80, 1.0)):
+        totals = {}
+        for cls in (CrossMatchTrainer, CrossMatchTrainer_rampUp):
+            tr = minimal_trainer(net, loss_fn, 2, cls=cls, fp_dropout_weak=0.0, fp_dropout_strong=0.0, tau=0.3)
+            tr.current_epoch, tr._iter_in_epoch = divmod(step, tr.num_iterations_per_epoch)
+            assert tr.total_steps == steps
+            torch.manual_seed(6)
+            with torch.no_grad():
+                totals[cls], terms = tr.compute_loss(data, tgt, us)
+        assert tr.rampup_factor() == pytest.approx(factor)
+        kd = 0.7 * terms["loss_tkd"] + 0.3 * terms["loss_dkd"]
+        unsup = (0.25 * terms["loss_s1"] + 0.25 * terms["loss_s2"] + 0.5 * kd).item()
+        sup = terms["loss_sup"].item()
+        assert unsup > 0.01
+        assert totals[CrossMatchTrainer].item() == pytest.approx((sup + unsup) / 0.5, rel=1e-5)
+        assert totals[CrossMatchTrainer_rampUp].item() == pytest.approx((sup + factor * unsup) / 0.5, rel=1e-5)

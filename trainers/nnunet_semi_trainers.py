@@ -1,7 +1,8 @@
 """Re-exports the nnunet-semi trainers for nnU-Net's trainer discovery (nnUNet_extTrainer).
 Keep this file free of code: nnU-Net imports it as a top-level module and then forgets it."""
 from nnunet_semi.methods.crossmatch import (CrossMatchTrainer, CrossMatchTrainer_annealedTau,  # noqa: F401
-                                            CrossMatchTrainer_paper, CrossMatchTrainer_paperAnnealedTau)
+                                            CrossMatchTrainer_paper, CrossMatchTrainer_paperAnnealedTau,
+                                            CrossMatchTrainer_rampUp)
 from nnunet_semi.methods.mean_teacher import (MeanTeacherTrainer, MeanTeacherTrainer_confCE,  # noqa: F401
                                               MeanTeacherTrainer_exportTeacher)
 from nnunet_semi.methods.supervised import SupervisedBaselineTrainer  # noqa: F401

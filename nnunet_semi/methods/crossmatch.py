@@ -447,3 +447,13 @@ class CrossMatchTrainer_annealedTau(CrossMatchTrainer):
     """HEAD's LA threshold: tau0 0.75 annealed (x ln 2) over 17000 of 14000 iterations."""
     tau = 0.75
     tau_schedule = "annealed"
+
+
+class CrossMatchTrainer_rampUp(CrossMatchTrainer):
+    """Not in the released code: the unsupervised terms ramp in with the base's sigmoid ramp-up,
+    exp(-5 (1 - t / T)^2) with T = ``rampup_fraction`` x all training steps (factor 0.0067 at step 0,
+    0.29 at T/2, 1 from T on). Short CPU budgets start inside nnU-Net's all-background phase, where the
+    released code's full-weight Dice terms on foreground-free pseudo-labels can hold a run there (see
+    benchmarks/RESULTS.md); the ramp lets the labeled cases produce foreground first."""
+    rampup = "sigmoid"
+    rampup_fraction = 0.5
