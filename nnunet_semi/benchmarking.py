@@ -43,6 +43,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 BASELINE = "SupervisedBaselineTrainer"
+#: pseudo-Dice level whose first epoch the report lists per run (leaving nnU-Net's all-background phase)
+PSEUDO_DICE_MILESTONE = 0.5
 CHECKPOINT = "checkpoint_final.pth"
 EVAL_GROUPS = ("all", "val", "test")
 #: settings that must not change when a benchmark folder is resumed
@@ -976,6 +978,10 @@ class Benchmark:
                 runs = json.load(f)
         agg = aggregate(summaries, baseline=BASELINE if BASELINE in summaries else next(iter(summaries)))
         agg["missing_runs"] = missing
+        for trainer, per_seed in curves.items():
+            for seed, c in per_seed.items():
+                key = f"{trainer}/seed_{seed}"
+                runs[key] = {"trainer": trainer, "seed": seed, **runs.get(key, {}), **curve_milestones(c)}
         agg["runs"] = runs
         title = (f"{self.dataset_name}, configuration {s.effective_configuration}, fold {s.fold}, "
                  f"{s.epochs} epochs x {s.iters} iterations, seeds {seeds}")
@@ -994,6 +1000,15 @@ class Benchmark:
                                                                 "settings.json")]
         say(f"wrote {os.path.join(s.out, stem + '.md')}, {stem}.json, benchmark.png, settings.json")
         return agg
+
+
+def curve_milestones(curves: Mapping[str, list], threshold: float = PSEUDO_DICE_MILESTONE) -> dict:
+    """From one run's nnU-Net logging: the first epoch (1-based) whose pseudo Dice (``mean_fg_dice``, nnU-Net's
+    per-epoch validation patches) reaches ``threshold``, and the last epoch's pseudo Dice. A run that leaves
+    nnU-Net's early all-background phase late has little budget left; these show when that happened."""
+    dice = [float(x) for x in curves.get("mean_fg_dice", []) if x is not None]
+    first = next((i + 1 for i, x in enumerate(dice) if np.isfinite(x) and x >= threshold), None)
+    return {"pseudo_dice_first_epoch": first, "pseudo_dice_last": dice[-1] if dice else None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1162,7 +1177,12 @@ def results_markdown(agg: dict, title: str, settings: Optional[dict] = None, dig
         out.append("")
     runs = agg.get("runs") or {}
     if runs:
-        out += ["## Runs", "", "| Method | seed | train time | predict time | resumed |", "|---|---|---|---|---|"]
+        out += ["## Runs", "",
+                f"Pseudo Dice: nnU-Net's per-epoch Dice on patches of its validation split (with fold 'all': the "
+                f"labeled training cases), never the held-out cases; 'from epoch' = the first epoch at which it reached "
+                f"{PSEUDO_DICE_MILESTONE:g} (a late epoch means a run stayed long in the all-background phase).", "",
+                f"| Method | seed | train time | predict time | resumed | pseudo Dice ≥ {PSEUDO_DICE_MILESTONE:g} from "
+                f"epoch | last pseudo Dice |", "|---|---|---|---|---|---|---|"]
         order = {m: i for i, m in enumerate(agg["methods"])}
         seeds_of = agg["seeds"]
         shown = [r for r in runs.values() if r["trainer"] in order and r["seed"] in seeds_of[r["trainer"]]]
@@ -1170,7 +1190,9 @@ def results_markdown(agg: dict, title: str, settings: Optional[dict] = None, dig
             out.append(f"| {rec['trainer']} | {rec['seed']} | "
                        f"{fmt_seconds(rec['train_s']) if 'train_s' in rec else '–'} | "
                        f"{fmt_seconds(rec['predict_s']) if 'predict_s' in rec else '–'} | "
-                       f"{'yes' if rec.get('resumed') else 'no'} |")
+                       f"{'yes' if rec.get('resumed') else 'no'} | "
+                       f"{rec['pseudo_dice_first_epoch'] if rec.get('pseudo_dice_first_epoch') else '–'} | "
+                       f"{format(rec['pseudo_dice_last'], '.3f') if rec.get('pseudo_dice_last') is not None else '–'} |")
         out.append("")
     if agg.get("missing_runs"):
         out += [f"Missing (not finished, not in the tables): {', '.join(agg['missing_runs'])}", ""]

@@ -297,6 +297,20 @@ def test_aggregate_pairs_seeds_and_cases():
     md = results_markdown(agg, "toy")
     assert "| MeanTeacherTrainer | Mean | 66.67 ± " in md and "| 3/2/1 |" in md
 
+    # the Runs table shows when each run's pseudo Dice first reached 0.5 (1-based epoch) and its last value
+    from nnunet_semi.benchmarking import curve_milestones
+    assert curve_milestones({"mean_fg_dice": [0.0, 0.1, 0.49, 0.5, 0.3, 0.8]}) == \
+        {"pseudo_dice_first_epoch": 4, "pseudo_dice_last": 0.8}
+    assert curve_milestones({"mean_fg_dice": [0.0, float("nan"), 0.2]}) == \
+        {"pseudo_dice_first_epoch": None, "pseudo_dice_last": 0.2}
+    agg["runs"] = {"MeanTeacherTrainer/seed_1": {"trainer": "MeanTeacherTrainer", "seed": 1, "train_s": 65.0,
+                                                 **curve_milestones({"mean_fg_dice": [0.2, 0.6, 0.75]})},
+                   "SupervisedBaselineTrainer/seed_0": {"trainer": "SupervisedBaselineTrainer", "seed": 0,
+                                                        **curve_milestones({"mean_fg_dice": [0.1, 0.2]})}}
+    md = results_markdown(agg, "toy")
+    assert "| MeanTeacherTrainer | 1 | 1 min 05 s | – | no | 2 | 0.750 |" in md, md
+    assert "| SupervisedBaselineTrainer | 0 | – | – | no | – | 0.200 |" in md, md
+
 
 def test_default_trainers_are_discovered_from_the_registry():
     from nnunet_semi.benchmarking import default_trainers, registered_trainers
