@@ -22,12 +22,18 @@ def pseudo_label(logits: torch.Tensor, temperature: float = 1.0) -> Tuple[torch.
 
 def masked_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
                      include_background: bool = True, smooth: float = 1e-5,
-                     squared_denominator: bool = False, batch_dice: bool = True) -> torch.Tensor:
+                     squared_denominator: bool = False, batch_dice: bool = True,
+                     skip_absent_classes: bool = False) -> torch.Tensor:
     """Soft Dice loss against a hard target, with voxels where ``mask`` is 0 *excluded* from the
     intersection and both denominator sums (nothing is re-weighted).
 
     ``squared_denominator`` uses sum(p^2) + sum(y^2) as in the V-Net/UA-MT/SSL4MIS Dice that the
     CrossMatch code uses; otherwise sum(p) + sum(y). Returns 1 - mean Dice over classes.
+
+    ``skip_absent_classes`` averages only over the classes present in the (masked) target (per batch with
+    ``batch_dice``, else per sample); 0 when none is. Without it an absent class scores
+    smooth / (sum(p^2) + smooth): about 0 (a flat loss of 1) while sum(p^2) >> smooth, but a steep pull of
+    that class's probabilities towards 0 (gradient about 2 p / smooth) once sum(p^2) is near or below smooth.
     """
     num_classes = probs.shape[1]
     onehot = F.one_hot(target.long(), num_classes).movedim(-1, 1).to(probs.dtype)
@@ -42,8 +48,12 @@ def masked_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: Optional[t
     else:
         den = probs.sum(dims) + onehot.sum(dims)
     dice = (2.0 * inter + smooth) / (den + smooth)
+    present = onehot.sum(dims) > 0
     if not include_background:
-        dice = dice[..., 1:]
+        dice, present = dice[..., 1:], present[..., 1:]
+    if skip_absent_classes:
+        w = present.to(dice.dtype)
+        return (w * (1.0 - dice)).sum() / w.sum().clamp_min(1.0)
     return 1.0 - dice.mean()
 
 

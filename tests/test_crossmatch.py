@@ -18,7 +18,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnunet_semi.data.loader import UnlabeledBatch
 from nnunet_semi.methods import crossmatch as cm
 from nnunet_semi.methods.crossmatch import (CrossMatchTrainer, CrossMatchTrainer_annealedTau, CrossMatchTrainer_paper,
-                                            CrossMatchTrainer_rampUp, FeaturePerturbationUNet,
+                                            CrossMatchTrainer_presentClassDice, CrossMatchTrainer_rampUp,
+                                            FeaturePerturbationUNet,
                                             add_feature_perturbation, annealed_tau, crossmatch_unsupervised_terms)
 from nnunet_semi.perturbations import channel_dropout_mask, perturb_skips
 
@@ -528,3 +529,25 @@ def test_rampup_variant_scales_only_the_unsupervised_terms():
         assert unsup > 0.01
         assert totals[CrossMatchTrainer].item() == pytest.approx((sup + unsup) / 0.5, rel=1e-5)
         assert totals[CrossMatchTrainer_rampUp].item() == pytest.approx((sup + factor * unsup) / 0.5, rel=1e-5)
+
+
+def test_present_class_dice_variant_ignores_classes_absent_from_the_pseudo_label():
+    from nnunet_semi.losses import masked_dice_loss
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, NUM_CLASSES, 8, 8, generator=g)
+    logits[:, 0] += 6.0                                   # confident background, as early in training
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    target[0, :2, :2] = 1                                 # class 1 present in the batch, class 2 absent
+    keep = torch.ones(2, 8, 8, dtype=torch.bool)
+    default = minimal_trainer(None, None, 2)
+    variant = minimal_trainer(None, None, 2, cls=CrossMatchTrainer_presentClassDice)
+    assert not default.dice_skip_absent_classes and variant.dice_skip_absent_classes
+    kw = dict(include_background=True, smooth=1e-4, squared_denominator=True, batch_dice=True)
+    probs = torch.softmax(logits, 1)
+    assert variant.unsup_dice(logits, target, keep).item() == pytest.approx(
+        masked_dice_loss(probs, target, keep, skip_absent_classes=True, **kw).item(), rel=1e-6)
+    assert default.unsup_dice(logits, target, keep).item() == pytest.approx(
+        masked_dice_loss(probs, target, keep, **kw).item(), rel=1e-6)
+    # default = mean over 3 classes, variant = mean over the 2 present ones: the absent class scores a loss of ~1
+    absent = 3 * default.unsup_dice(logits, target, keep).item() - 2 * variant.unsup_dice(logits, target, keep).item()
+    assert absent == pytest.approx(1.0, abs=0.02)

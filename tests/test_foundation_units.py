@@ -175,6 +175,37 @@ def test_masked_dice_excludes_masked_voxels():
     assert sq.item() == pytest.approx(1 - 0.5 * (1.8 / (0.81 + 0.04 + 1) + 1.6 / (0.01 + 0.64 + 1)), rel=1e-5)
 
 
+def test_masked_dice_absent_classes_trap_and_skip():
+    """A class absent from the target scores smooth / (S + smooth), S = sum(p^2): flat (loss ~1) while
+    S >> smooth, a steep pull of its probabilities towards 0 (about 2 p / smooth) once S is small.
+    skip_absent_classes averages over the present classes only, so the absent class gets no gradient."""
+    n, smooth = 1000, 1e-4
+    target = torch.zeros(1, n, dtype=torch.long)                    # a pseudo-label with background only
+    for p_fg in (0.3, 1e-4):
+        probs = torch.stack((torch.full((n,), 1 - p_fg), torch.full((n,), p_fg)))[None].requires_grad_(True)
+        loss = losses.masked_dice_loss(probs, target, smooth=smooth, squared_denominator=True)
+        (g,) = torch.autograd.grad(loss, probs)
+        S = n * p_fg ** 2
+        assert g[0, 1, 0].item() == pytest.approx(0.5 * smooth * 2 * p_fg / (S + smooth) ** 2, rel=1e-3)
+        if p_fg == 0.3:
+            # fg Dice ~0: the loss is 1 - bg Dice / 2, flat in the fg channel
+            assert g[0, 1].abs().max().item() < 1e-6 and loss.item() == pytest.approx(1 - 0.5 * 1.4 / 1.49, abs=1e-4)
+        else:
+            assert g[0, 1, 0].item() > 0.5 and loss.item() < 0.1
+        skipped = losses.masked_dice_loss(probs, target, smooth=smooth, squared_denominator=True,
+                                          skip_absent_classes=True)
+        bg = 1 - p_fg
+        assert skipped.item() == pytest.approx(1 - (2 * bg * n + smooth) / (n * bg ** 2 + n + smooth), rel=1e-4, abs=1e-6)
+        (g,) = torch.autograd.grad(skipped, probs)
+        assert torch.all(g[0, 1] == 0)
+    # present classes are averaged as before; nothing present at all gives 0
+    probs = torch.tensor([[[0.9, 0.2, 0.5, 0.1], [0.1, 0.8, 0.5, 0.9]]])
+    target = torch.tensor([[0, 1, 1, 0]])
+    assert losses.masked_dice_loss(probs, target, skip_absent_classes=True).item() == \
+        pytest.approx(losses.masked_dice_loss(probs, target).item())
+    assert losses.masked_dice_loss(probs, target, torch.zeros(1, 4), skip_absent_classes=True).item() == 0.0
+
+
 def test_consistency_losses_and_statistics():
     t = torch.randn(2, 3, 4, 4, 4)
     s = t.clone().requires_grad_(True)

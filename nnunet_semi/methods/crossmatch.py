@@ -311,6 +311,8 @@ class CrossMatchTrainer(SemiSupervisedTrainer):
     #: None = 1e-4 if more than 2 classes (ACDC code), 1e-5 if binary (LA code)
     dice_smooth: Optional[float] = None
     dice_squared_denominator: bool = True
+    #: average the unsupervised Dice over the classes present in the kept pseudo-label only (not in the code)
+    dice_skip_absent_classes: bool = False
     # ---- passes -----------------------------------------------------------------------------
     #: one grad forward on [x; u_s1; u_w; u_s2]; False = the code's two ([x; u_w], [u_s1; u_s2])
     single_student_pass: bool = True
@@ -349,7 +351,7 @@ class CrossMatchTrainer(SemiSupervisedTrainer):
     def unsup_dice(self, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         return masked_dice_loss(torch.softmax(logits.float(), 1), target, keep, include_background=self.dice_bg,
                                 smooth=self.dice_eps, squared_denominator=self.dice_squared_denominator,
-                                batch_dice=True)
+                                batch_dice=True, skip_absent_classes=self.dice_skip_absent_classes)
 
     @torch.no_grad()
     def mix_source_predictions(self, m_weak: torch.Tensor, box1: torch.Tensor, box2: torch.Tensor, fp: dict):
@@ -457,3 +459,12 @@ class CrossMatchTrainer_rampUp(CrossMatchTrainer):
     benchmarks/RESULTS.md); the ramp lets the labeled cases produce foreground first."""
     rampup = "sigmoid"
     rampup_fraction = 0.5
+
+
+class CrossMatchTrainer_presentClassDice(CrossMatchTrainer):
+    """Not in the released code: each unsupervised Dice term averages only over the classes present in its
+    (kept) pseudo-label batch. In the code's Dice (squared denominator, smooth 1e-4 or 1e-5) a class absent
+    from the pseudo-label pulls that class's probabilities towards 0 with a gradient of about 2 p / smooth
+    once their squared sum is near the smooth; early pseudo-labels without foreground can thus hold a run in
+    nnU-Net's all-background phase for good (measured on Hippocampus, see benchmarks/RESULTS.md)."""
+    dice_skip_absent_classes = True
