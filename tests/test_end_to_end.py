@@ -123,6 +123,15 @@ def test_crossmatch_3d_train_and_predict(prepared):
     folder = train(prepared, "CrossMatchTrainer", "3d_fullres", iters=2)
     _crossmatch_checks(folder, 2)
     _predictions_ok(predict(prepared, "CrossMatchTrainer", "3d_fullres"), prepared)
+    # the all-background diagnostic of benchmarks/ reads the checkpoint and both preprocessed groups
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "foreground_probabilities.py")
+    p = subprocess.run([sys.executable, script, os.path.join(folder, "checkpoint_final.pth"), "-n", "3"],
+                       env=prepared.env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for group in ("labeled", "unlabeled"):
+        line = next(x for x in p.stdout.splitlines() if x.startswith(group + ":"))
+        s1, s2 = (float(v) for v in line.split("S per foreground class (sum of p^2 over those voxels): ")[1].split(", "))
+        assert "3 crops" in line and s1 >= 0 and s2 >= 0, line
 
 
 def test_crossmatch_2d_train_resume_and_predict(prepared):
