@@ -44,6 +44,13 @@ code ramps over 17000 iterations but trains 14000 (9000 at paper time); nnU-Net 
 is ``tau_anneal_fraction`` x all training steps (17000 / 14000 by default, so the end value is the
 LA code's). ``CrossMatchTrainer_annealedTau`` is that recipe (tau0 0.75, as HEAD's train.sh).
 
+Short budgets (not in the released code, see benchmarks/RESULTS.md): on 3D patches the first pseudo-labels
+are confident all-background maps, and the code's Dice can then hold a run at zero foreground (measured:
+for a whole 1000-iteration run).
+``CrossMatchTrainer_rampUp`` ramps the unsupervised terms in over the first half of training;
+``CrossMatchTrainer_presentClassDice`` averages each unsupervised Dice over the classes present in its
+pseudo-label only (``dice_skip_absent_classes``).
+
 Dice (soft Dice on softmax against the hard pseudo-label, sums over batch and space, squared
 denominators as the released V-Net/UNet Dice): ``dice_include_background = None`` means all classes
 averaged (the ACDC code) when there are more than two classes and the foreground only (the LA code)
@@ -466,5 +473,5 @@ class CrossMatchTrainer_presentClassDice(CrossMatchTrainer):
     (kept) pseudo-label batch. In the code's Dice (squared denominator, smooth 1e-4 or 1e-5) a class absent
     from the pseudo-label pulls that class's probabilities towards 0 with a gradient of about 2 p / smooth
     once their squared sum is near the smooth; early pseudo-labels without foreground can thus hold a run in
-    nnU-Net's all-background phase for good (measured on Hippocampus, see benchmarks/RESULTS.md)."""
+    nnU-Net's all-background phase (measured on Hippocampus: a whole 1000-iteration run, see benchmarks/RESULTS.md)."""
     dice_skip_absent_classes = True
