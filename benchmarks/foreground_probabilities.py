@@ -31,14 +31,12 @@ def centre_crop(image: np.ndarray, patch_size: Sequence[int]) -> np.ndarray:
 
 def foreground_statistics(probs, tau: float = 0.95) -> dict:
     """probs: (B, C, *spatial) softmax output, class 0 = background."""
-    import torch
     fg = probs[:, 1:]
     kept = probs.max(1).values >= tau
     return {"max_p_fg": fg.max().item(), "mean_p_fg": fg.mean().item(),
             "argmax_fg_share": (probs.argmax(1) > 0).float().mean().item(),
             "kept_share": kept.float().mean().item(),
-            "sum_p2_kept": [(fg[:, c] ** 2 * kept).sum().item() for c in range(fg.shape[1])],
-            "n_voxels": int(torch.tensor(kept.shape).prod().item())}
+            "sum_p2_kept": [(fg[:, c] ** 2 * kept).sum().item() for c in range(fg.shape[1])]}
 
 
 def load_cases(folder: str, n: int) -> List[np.ndarray]:
