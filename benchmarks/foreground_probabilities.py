@@ -57,6 +57,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not args.preprocessed:
         raise SystemExit("set nnUNet_preprocessed or pass --preprocessed")
+    if not os.path.isfile(args.checkpoint):
+        raise SystemExit(f"{args.checkpoint} does not exist: pass a checkpoint_final.pth or checkpoint_latest.pth "
+                         f"from <nnUNet_results>/<Dataset>/<trainer>__<plans>__<configuration>/fold_<f>/")
     import torch
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

@@ -43,16 +43,13 @@ def masked_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: Optional[t
         onehot = onehot * m
     dims = (0,) + tuple(range(2, probs.ndim)) if batch_dice else tuple(range(2, probs.ndim))
     inter = (probs * onehot).sum(dims)
-    if squared_denominator:
-        den = (probs * probs).sum(dims) + (onehot * onehot).sum(dims)
-    else:
-        den = probs.sum(dims) + onehot.sum(dims)
+    y_sum = onehot.sum(dims)        # one-hot and mask are 0/1, so sum(y^2) = sum(y): one reduction serves both
+    den = ((probs * probs).sum(dims) if squared_denominator else probs.sum(dims)) + y_sum
     dice = (2.0 * inter + smooth) / (den + smooth)
-    present = onehot.sum(dims) > 0
     if not include_background:
-        dice, present = dice[..., 1:], present[..., 1:]
+        dice, y_sum = dice[..., 1:], y_sum[..., 1:]
     if skip_absent_classes:
-        w = present.to(dice.dtype)
+        w = (y_sum > 0).to(dice.dtype)
         return (w * (1.0 - dice)).sum() / w.sum().clamp_min(1.0)
     return 1.0 - dice.mean()
 
