@@ -42,6 +42,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+# logged per-epoch keys of the semi-supervised trainers that are ratios/thresholds, or on a scale of their own
+from nnunet_semi.training.progress import OWN_SCALE_KEYS as OWN_SCALE_TERMS, RATIO_KEYS as RATIO_TERMS
+
 BASELINE = "SupervisedBaselineTrainer"
 #: pseudo-Dice level whose first epoch the report lists per run (leaving nnU-Net's all-background phase)
 PSEUDO_DICE_MILESTONE = 0.5
@@ -51,8 +54,6 @@ EVAL_GROUPS = ("all", "val", "test")
 KEY_SETTINGS = ("dataset", "configuration", "plans", "fold", "epochs", "iters", "val_iters", "device",
                 "plans_config", "cpu_features_scale", "cpu_batch_size", "cpu_patch_size", "eval_group", "disable_tta",
                 "step_size")
-#: logged per-epoch keys of the semi-supervised trainers drawn on the "ratio" axis
-RATIO_TERMS = ("pl_confidence", "mask_ratio", "unsup_weight_factor", "tau")
 NNUNET_LOG_KEYS = ('mean_fg_dice', 'ema_fg_dice', 'dice_per_class_or_region', 'train_losses', 'val_losses', 'lrs',
                    'epoch_start_timestamps', 'epoch_end_timestamps')
 
@@ -1265,7 +1266,8 @@ def plot_benchmark(agg: dict, curves: Mapping[str, Mapping[int, dict]], output_f
     draw(axes[0, 2], lambda k: k in ("mean_fg_dice", "ema_fg_dice"), "pseudo Dice",
          "pseudo Dice (nnU-Net's per-epoch validation patches)")
     draw(axes[1, 0], lambda k: k == "val_losses", "validation loss", "validation loss (nnU-Net)")
-    draw(axes[1, 1], lambda k: k not in NNUNET_LOG_KEYS and k not in RATIO_TERMS and k != "epoch_time_s",
+    draw(axes[1, 1], lambda k: (k not in NNUNET_LOG_KEYS and k not in RATIO_TERMS and k not in OWN_SCALE_TERMS
+                                and k != "epoch_time_s"),
          "loss term", "semi-supervised loss terms")
     draw(axes[1, 2], lambda k: k in RATIO_TERMS, "value in [0, 1]",
          "pseudo-label confidence / mask ratio / ramp-up / threshold")

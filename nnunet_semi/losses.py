@@ -78,28 +78,46 @@ def softmax_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return (se * m).sum() / m.sum().clamp_min(1.0)
 
 
+def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean of ``x`` over the voxels where ``mask`` is 1 (all voxels without a mask; 0 if none counts)."""
+    x = x.float()
+    if mask is None:
+        return x.mean()
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp_min(1.0)
+
+
 def consistency_loss(kind: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                     conf_thresh: Optional[float] = None) -> Tuple[torch.Tensor, dict]:
+                     conf_thresh: Optional[float] = None, valid: Optional[torch.Tensor] = None,
+                     dice_include_background: bool = True, dice_skip_absent_classes: bool = False,
+                     dice_weight: float = 0.5, ce_weight: float = 0.5) -> Tuple[torch.Tensor, dict]:
     """Teacher -> student consistency of one of the kinds
 
     - ``'mse'``: softmax MSE (Mean Teacher, UA-MT, SSL4MIS),
     - ``'ce'``: CE on the teacher's hard pseudo-label,
-    - ``'dice_ce'``: (CE + soft Dice) / 2 on the hard pseudo-label (FixMatch/UniMatch style),
+    - ``'dice_ce'``: ``ce_weight`` CE + ``dice_weight`` soft Dice on the hard pseudo-label (FixMatch/UniMatch
+      style; (CE + Dice) / 2 by default, CE + Dice with both weights 1 as nnU-Net's own loss), the Dice
+      with or without the background and optionally over the classes present in the kept pseudo-label only,
 
-    optionally restricted to voxels whose teacher confidence is >= ``conf_thresh``. Returns the
-    loss and statistics (mean teacher confidence, ratio of voxels kept) for logging.
+    restricted to the voxels inside the image (``valid``: nnU-Net's padding excluded) and, with
+    ``conf_thresh``, to those whose teacher confidence is >= it. Returns the loss and statistics (mean
+    teacher confidence and ratio of voxels kept, both over the valid voxels) for logging.
     """
     label, conf = pseudo_label(teacher_logits)
     mask = (conf >= conf_thresh) if conf_thresh is not None else None
+    if valid is not None:
+        mask = valid if mask is None else mask & valid
     if kind == "mse":
         loss = softmax_mse(student_logits, teacher_logits, mask)
     elif kind == "ce":
         loss = masked_cross_entropy(student_logits, label, mask)
     elif kind == "dice_ce":
         probs = torch.softmax(student_logits.float(), dim=1)
-        loss = 0.5 * (masked_cross_entropy(student_logits, label, mask) + masked_dice_loss(probs, label, mask))
+        dice = masked_dice_loss(probs, label, mask, include_background=dice_include_background,
+                                skip_absent_classes=dice_skip_absent_classes)
+        loss = ce_weight * masked_cross_entropy(student_logits, label, mask) + dice_weight * dice
     else:
         raise ValueError(f"unknown consistency loss '{kind}' (use 'mse', 'ce' or 'dice_ce')")
-    stats = {"pl_confidence": conf.mean().detach(),
-             "mask_ratio": mask.float().mean().detach() if mask is not None else torch.ones((), device=conf.device)}
+    kept = (conf >= conf_thresh) if conf_thresh is not None else torch.ones_like(conf, dtype=torch.bool)
+    stats = {"pl_confidence": masked_mean(conf, valid).detach(), "mask_ratio": masked_mean(kept, valid).detach()}
     return loss, stats

@@ -19,7 +19,7 @@ from nnunet_semi.data.loader import UnlabeledBatch
 from nnunet_semi.methods import crossmatch as cm
 from nnunet_semi.methods.crossmatch import (CrossMatchTrainer, CrossMatchTrainer_annealedTau, CrossMatchTrainer_paper,
                                             CrossMatchTrainer_presentClassDice, CrossMatchTrainer_rampUp,
-                                            FeaturePerturbationUNet,
+                                            CrossMatchTrainer_released, FeaturePerturbationUNet,
                                             add_feature_perturbation, annealed_tau, crossmatch_unsupervised_terms)
 from nnunet_semi.perturbations import channel_dropout_mask, perturb_skips
 
@@ -67,13 +67,16 @@ def nnunet_loss(num_outputs: int, ddp: bool = False) -> nn.Module:
     return DeepSupervisionWrapper(loss, list(w / w.sum()))
 
 
-def minimal_trainer(network, loss, ndim: int, cls=CrossMatchTrainer, num_classes: int = NUM_CLASSES, **attrs):
-    """A CrossMatch trainer with just what compute_loss needs (no plans, dataset or folders)."""
+def minimal_trainer(network, loss, ndim: int, cls=CrossMatchTrainer_released, num_classes: int = NUM_CLASSES,
+                    **attrs):
+    """A CrossMatch trainer with just what compute_loss needs (no plans, dataset or folders); by default the
+    released recipe, whose arithmetic most tests here check against the released code."""
     tr = cls.__new__(cls)
     for k, v in attrs.items():
         setattr(tr, k, v)
     tr.network, tr.loss, tr.device = network, loss, torch.device("cpu")
     tr.current_epoch, tr._iter_in_epoch, tr.num_epochs, tr.num_iterations_per_epoch = 0, 0, 10, 10
+    tr.unsup_gate_step = 0
     tr.configure_crossmatch(num_classes, ndim)
     return tr
 
@@ -506,7 +509,7 @@ def test_mixed_precision_step_matches_float32():
 
 def test_rampup_variant_scales_only_the_unsupervised_terms():
     """CrossMatchTrainer_rampUp: total = (L_sup + r(t) L_u) x kept scale, r = exp(-5 (1 - t/T)^2) over the first
-    half of training; same inputs and boxes as the default trainer, whose r is 1."""
+    half of training; same inputs and boxes as the released recipe, whose r is 1."""
     net = build(CrossMatchTrainer, 2, False, deep_supervision=True)
     data, target, us = _step_inputs(2, seed=4)
     with torch.no_grad():
@@ -515,7 +518,7 @@ def test_rampup_variant_scales_only_the_unsupervised_terms():
     steps = 10 * 10
     for step, factor in ((0, math.exp(-5)), (25, math.exp(-5 * 0.25)), (50, 1.0), (80, 1.0)):
         totals = {}
-        for cls in (CrossMatchTrainer, CrossMatchTrainer_rampUp):
+        for cls in (CrossMatchTrainer_released, CrossMatchTrainer_rampUp):
             tr = minimal_trainer(net, loss_fn, 2, cls=cls, fp_dropout_weak=0.0, fp_dropout_strong=0.0, tau=0.3)
             tr.current_epoch, tr._iter_in_epoch = divmod(step, tr.num_iterations_per_epoch)
             assert tr.total_steps == steps
@@ -527,7 +530,7 @@ def test_rampup_variant_scales_only_the_unsupervised_terms():
         unsup = (0.25 * terms["loss_s1"] + 0.25 * terms["loss_s2"] + 0.5 * kd).item()
         sup = terms["loss_sup"].item()
         assert unsup > 0.01
-        assert totals[CrossMatchTrainer].item() == pytest.approx((sup + unsup) / 0.5, rel=1e-5)
+        assert totals[CrossMatchTrainer_released].item() == pytest.approx((sup + unsup) / 0.5, rel=1e-5)
         assert totals[CrossMatchTrainer_rampUp].item() == pytest.approx((sup + factor * unsup) / 0.5, rel=1e-5)
 
 

@@ -17,9 +17,14 @@ from e2e_util import atime_changed, run
 pytestmark = pytest.mark.slow
 
 
+# the default warm-up (250 iterations and a pseudo-Dice gate) is far longer than these runs: open it at once
+SHORT_SCHEDULE = {"nnUNet_semi_warmup_iters": "0", "nnUNet_semi_warmup_pseudo_dice": "none",
+                  "nnUNet_semi_rampup_iters": "6"}
+
+
 @pytest.fixture(scope="session")
 def mt3d(prepared):
-    return train(prepared, "MeanTeacherTrainer", "3d_fullres")
+    return train(prepared, "MeanTeacherTrainer", "3d_fullres", **SHORT_SCHEDULE)
 
 
 def _predictions_ok(out_dir, prepared):
@@ -44,10 +49,13 @@ def test_meanteacher_3d_trains_with_unlabeled_data(mt3d, prepared):
     k = next(k for k in ckpt["network_weights"] if k.endswith("weight"))
     assert not torch.equal(state["teacher_weights"][k], ckpt["network_weights"][k])
     logging = ckpt["logging"]
-    for key in ("loss_sup", "loss_unsup", "pl_confidence", "mask_ratio", "unsup_weight_factor"):
+    for key in ("loss_sup", "loss_unsup", "pl_confidence", "mask_ratio", "unsup_weight_factor", "grad_norm",
+                "clip_ratio"):
         assert len(logging[key]) == 2 and all(np.isfinite(logging[key])), key
     assert 0 < logging["pl_confidence"][-1] <= 1
-    # the ramp-up grows
+    assert all(g > 0 for g in logging["grad_norm"]) and all(0 <= c <= 1 for c in logging["clip_ratio"])
+    # the ramp-up grows from the step the (immediately opened) gate opened
+    assert state["unsup_gate_step"] == 0
     assert logging["unsup_weight_factor"][0] < logging["unsup_weight_factor"][1]
     assert os.path.isfile(os.path.join(mt3d, "progress.png"))
     from PIL import Image
@@ -82,7 +90,7 @@ print('RESULT', json.dumps(dict(epoch=t.current_epoch, same_teacher=same_teacher
     res = json.loads(p.stdout.split("RESULT", 1)[1])
     assert res == {"epoch": 2, "same_teacher": True, "differs": True}
 
-    folder = train(prepared, "MeanTeacherTrainer", "3d_fullres", epochs=3, extra=("--c",))
+    folder = train(prepared, "MeanTeacherTrainer", "3d_fullres", epochs=3, extra=("--c",), **SHORT_SCHEDULE)
     log = open(os.path.join(prepared.root, "train_MeanTeacherTrainer_3d_fullres--c.log")).read()
     assert "Epoch 2" in log and "Epoch 0\n" not in log and "Epoch 1\n" not in log
     resumed = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
@@ -116,6 +124,8 @@ def _crossmatch_checks(folder, epochs):
     for key in ("loss_sup", "loss_s1", "loss_s2", "loss_tkd", "loss_dkd", "pl_confidence", "mask_ratio", "tau"):
         assert len(ckpt["logging"][key]) == epochs and np.all(np.isfinite(ckpt["logging"][key])), key
     assert ckpt["logging"]["tau"][-1] == 0.95
+    # the default warm-up (250 iterations) outlasts these runs: the unsupervised weight stayed exactly 0
+    assert ckpt["nnunet_semi"]["unsup_gate_step"] is None and set(ckpt["logging"]["unsup_weight_factor"]) == {0.0}
     return ckpt
 
 

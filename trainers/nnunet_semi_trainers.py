@@ -2,7 +2,8 @@
 Keep this file free of code: nnU-Net imports it as a top-level module and then forgets it."""
 from nnunet_semi.methods.crossmatch import (CrossMatchTrainer, CrossMatchTrainer_annealedTau,  # noqa: F401
                                             CrossMatchTrainer_paper, CrossMatchTrainer_paperAnnealedTau,
-                                            CrossMatchTrainer_presentClassDice, CrossMatchTrainer_rampUp)
+                                            CrossMatchTrainer_presentClassDice, CrossMatchTrainer_rampUp,
+                                            CrossMatchTrainer_released)
 from nnunet_semi.methods.mean_teacher import (MeanTeacherTrainer, MeanTeacherTrainer_confCE,  # noqa: F401
-                                              MeanTeacherTrainer_exportTeacher)
+                                              MeanTeacherTrainer_exportTeacher, MeanTeacherTrainer_released)
 from nnunet_semi.methods.supervised import SupervisedBaselineTrainer  # noqa: F401

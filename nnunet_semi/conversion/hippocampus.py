@@ -21,9 +21,11 @@ Quirks handled:
 Split (seeded; there is no community-standard semi-supervised split for this dataset, so none is
 written to splits_standard/): the image/label pairs, sorted by case id, are permuted with
 ``numpy.random.RandomState(seed)``; the first ``M`` become test cases (imagesTs/labelsTs), the next
-``N`` (``--labeled``) the labeled cases, all remaining pairs unlabeled (their labels go to
-labelsWithheld/). For one seed and one set of input cases the labeled sets of different ``N`` are
-nested and the test set does not depend on ``N``. ``--max-cases K`` first keeps a seeded subset of K
+``N`` (``--labeled``) the labeled cases, the last ``V`` (``--num-val``, default 0) a validation group
+(imagesTs/labelsTs, never trained on; for choosing hyper-parameters without touching the test cases),
+all remaining pairs unlabeled (their labels go to labelsWithheld/). For one seed and one set of input
+cases the labeled sets of different ``N`` are nested, and neither the test nor the validation group
+depends on ``N``. ``--max-cases K`` first keeps a seeded subset of K
 pairs (quick tests and demos); image-only cases are always kept.
 Labels: background 0, Anterior 1, Posterior 2. Channel 0: MRI.
 """
@@ -114,24 +116,28 @@ def scan_input(root: str) -> Tuple[str, Dict[str, str], Dict[str, str], List[Tup
 
 
 def make_split(pairs: Sequence[str], image_only: Sequence[str], num_labeled: int, num_test: int,
-               seed: int, max_cases: Optional[int] = None) -> SemiSplit:
+               seed: int, max_cases: Optional[int] = None, num_val: int = 0) -> SemiSplit:
     """The seeded split described in the module docstring (pure function of its arguments)."""
     pairs = sorted(pairs)
     rng = np.random.RandomState(seed)
     if max_cases is not None and max_cases < len(pairs):
         pairs = sorted(rng.choice(pairs, size=max_cases, replace=False).tolist())
     order = [pairs[i] for i in rng.permutation(len(pairs))]
-    if num_test + num_labeled > len(order):
-        raise ConversionError(f"{num_test} test + {num_labeled} labeled cases requested but only {len(order)} "
-                              f"image/label pairs are available; lower --num-test/--test-fraction or --labeled.")
+    if num_test + num_labeled + num_val > len(order):
+        raise ConversionError(f"{num_test} test + {num_labeled} labeled + {num_val} validation cases requested but "
+                              f"only {len(order)} image/label pairs are available; lower --num-test/--test-fraction, "
+                              f"--labeled or --num-val.")
     test = order[:num_test]
     labeled = order[num_test:num_test + num_labeled]
-    unlabeled = order[num_test + num_labeled:] + sorted(image_only)
-    return SemiSplit(labeled=labeled, unlabeled=unlabeled, test=test, val=[], setting=f"{num_labeled}_labeled",
+    end = len(order) - num_val
+    val = order[end:]
+    unlabeled = order[num_test + num_labeled:end] + sorted(image_only)
+    return SemiSplit(labeled=labeled, unlabeled=unlabeled, test=test, val=val, setting=f"{num_labeled}_labeled",
                      seed=seed,
                      notes=f"MSD Task04 Hippocampus; seeded split (numpy RandomState({seed}) permutation of the "
-                           f"{len(pairs)} image/label pairs: first {num_test} test, next {num_labeled} labeled, rest "
-                           f"unlabeled with labels withheld); {len(image_only)} image-only case(s) unlabeled.")
+                           f"{len(pairs)} image/label pairs: first {num_test} test, next {num_labeled} labeled, last "
+                           f"{num_val} validation, rest unlabeled with labels withheld); {len(image_only)} image-only "
+                           f"case(s) unlabeled.")
 
 
 def _label_info(path: str) -> str:
@@ -155,6 +161,10 @@ def build_parser():
     g.add_argument("--num-test", type=int, default=None, help="number of image/label pairs held out as test cases")
     g.add_argument("--test-fraction", type=float, default=None,
                    help=f"fraction of image/label pairs held out as test (default {DEFAULT_TEST_FRACTION})")
+    p.add_argument("--num-val", type=int, default=0,
+                   help="image/label pairs held out as a validation group for choosing hyper-parameters "
+                        "(imagesTs/labelsTs, split 'val'; default 0); taken from the end of the seeded order, so the "
+                        "test and labeled cases do not change")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"split seed (default {DEFAULT_SEED})")
     p.add_argument("--max-cases", type=int, default=None,
                    help="use a seeded subset of K image/label pairs (quick tests, demos); image-only cases are kept")
@@ -191,7 +201,9 @@ def convert(argv=None) -> str:
         num_test = int(round(frac * n_pairs))
     if num_test < 0:
         parser.error("--num-test must be >= 0")
-    split = make_split(pairs, image_only, args.labeled, num_test, args.seed, args.max_cases)
+    if args.num_val < 0:
+        parser.error("--num-val must be >= 0")
+    split = make_split(pairs, image_only, args.labeled, num_test, args.seed, args.max_cases, args.num_val)
     where = dict(split_groups(split))
     for case in writer.progress(sorted(where), desc="Hippocampus"):
         img = read_sitk(images[case], case)

@@ -44,12 +44,16 @@ code ramps over 17000 iterations but trains 14000 (9000 at paper time); nnU-Net 
 is ``tau_anneal_fraction`` x all training steps (17000 / 14000 by default, so the end value is the
 LA code's). ``CrossMatchTrainer_annealedTau`` is that recipe (tau0 0.75, as HEAD's train.sh).
 
-Short budgets (not in the released code, see benchmarks/RESULTS.md): on 3D patches the first pseudo-labels
-are confident all-background maps, and the code's Dice can then hold a run at zero foreground (measured:
-for a whole 1000-iteration run).
-``CrossMatchTrainer_rampUp`` ramps the unsupervised terms in over the first half of training;
-``CrossMatchTrainer_presentClassDice`` averages each unsupervised Dice over the classes present in its
-pseudo-label only (``dice_skip_absent_classes``).
+Defaults and released recipe: ``CrossMatchTrainer_released`` is the released code's recipe described
+above. ``CrossMatchTrainer`` (the default) keeps its passes, views, weights and threshold but makes every
+unsupervised term nnU-Net's loss form on the pseudo-label (CE + foreground Dice over the classes present
+in the kept pseudo-label, ``unsup_ce_weight``, ``dice_include_background``, ``dice_skip_absent_classes``)
+and starts it after the base's supervised warm-up gate with a ramp (``warmup_iters``,
+``warmup_pseudo_dice``, ``rampup_iters``). Early pseudo-labels are confident all-background maps, and
+the code's Dice can then hold a run at zero foreground (measured, see benchmarks/RESULTS.md).
+``CrossMatchTrainer_rampUp`` and ``CrossMatchTrainer_presentClassDice`` are the released recipe with one
+of those changes each. ``match_full_resolution_ratio`` scales the unsupervised terms by nnU-Net's
+deep-supervision weight of the full-resolution output (the released code has no deep supervision).
 
 Dice (soft Dice on softmax against the hard pseudo-label, sums over batch and space, squared
 denominators as the released V-Net/UNet Dice): ``dice_include_background = None`` means all classes
@@ -68,7 +72,8 @@ Forward passes per step (B_l labeled, B_u unlabeled patches per rank; encoder / 
    pass on [x; m_w]; with nnU-Net's instance norm and no built-in dropout the clean stream here is
    the same prediction, so one pass does both and x is not re-run. Only the samples whose CutMix box
    is not empty are run (see ``mix_source_predictions``): on average 3/4 of the clean and 1/2 of the
-   dropout streams with ``cutmix_p = 0.5``.
+   dropout streams with ``cutmix_p = 0.5``. Under DDP with batch norm (SyncBatchNorm) every sample is
+   run, so that all ranks call the same collectives (``mix_source_on_every_sample``).
 2. with grad, one call of the (DDP-wrapped) network: encoder on [x; u_s1; u_s2; u_w]
    (B_l + 3 B_u), one decoder call on the clean streams of x, u_s1, u_s2 plus the weak- and
    strong-dropout streams of u_s2 and u_w (B_l + 6 B_u). The clean stream of u_w only makes
@@ -104,7 +109,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from nnunet_semi.losses import masked_dice_loss, pseudo_label
+from nnunet_semi.losses import masked_cross_entropy, masked_dice_loss, masked_mean, pseudo_label
 from nnunet_semi.perturbations import apply_cutmix, cutmix_box_masks, perturb_skips
 from nnunet_semi.schedules import sigmoid_rampup
 from nnunet_semi.training.base import SemiSupervisedTrainer
@@ -201,14 +206,6 @@ def add_feature_perturbation(network: nn.Module) -> nn.Module:
 DiceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _masked_mean(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
-    x = x.float()
-    if valid is None:
-        return x.mean()
-    v = valid.float()
-    return (x * v).sum() / v.sum().clamp_min(1.0)
-
-
 def crossmatch_unsupervised_terms(p_w: torch.Tensor, p_w_weak: torch.Tensor, p_w_strong: torch.Tensor,
                                   p_s1: torch.Tensor, p_s2: torch.Tensor, p_s2_weak: torch.Tensor,
                                   p_s2_strong: torch.Tensor, mix: torch.Tensor, mix_weak: Optional[torch.Tensor],
@@ -262,8 +259,8 @@ def crossmatch_unsupervised_terms(p_w: torch.Tensor, p_w_weak: torch.Tensor, p_w
                 + dice(p_s2_weak, y2, k2) + dice(p_s2_strong, y2, k2)) / 4.0
     loss_dkd = (dice(p_s2_weak, y2w, keep(c2w, v2)) + dice(p_s2_strong, y2s, keep(c2s, v2))) / 2.0
     return {"loss_s1": loss_s1, "loss_s2": loss_s2, "loss_tkd": loss_tkd, "loss_dkd": loss_dkd,
-            "pl_confidence": _masked_mean(c_w, valid).detach(),
-            "mask_ratio": _masked_mean(c_w >= tau, valid).detach()}
+            "pl_confidence": masked_mean(c_w, valid).detach(),
+            "mask_ratio": masked_mean(c_w >= tau, valid).detach()}
 
 
 def annealed_tau(step: int, length: float, tau0: float, scale: float = math.log(2)) -> float:
@@ -278,6 +275,17 @@ def annealed_tau(step: int, length: float, tau0: float, scale: float = math.log(
 # trainers
 # ----------------------------------------------------------------------------------------------
 class CrossMatchTrainer(SemiSupervisedTrainer):
+    """CrossMatch inside nnU-Net (this plugin's default; ``CrossMatchTrainer_released`` is the released
+    recipe): every unsupervised term is nnU-Net's loss form on the pseudo-label, CE + foreground Dice over
+    the classes present in the kept pseudo-label (the released code: all-class or foreground Dice, no CE),
+    after a supervised warm-up (at least 250 iterations and nnU-Net's EMA pseudo Dice >= 0.5), then a
+    sigmoid ramp over 500 iterations (the released code: full weight from step 0). See
+    benchmarks/RESULTS.md for the measurements behind these choices."""
+    # ---- recipe for nnU-Net (the released values are in CrossMatchTrainer_released) ---------
+    warmup_iters: int = 250
+    warmup_pseudo_dice: Optional[float] = 0.5
+    rampup: str = "sigmoid"
+    rampup_iters: Optional[int] = 500
     num_strong_views = 2
     unlabeled_batches_per_step = 2
     # ---- feature perturbation (the code's pert_gap 0.5: 0.5 -/+ 0.25) ----------------------
@@ -314,12 +322,17 @@ class CrossMatchTrainer(SemiSupervisedTrainer):
     #: multiply the total by loss_divisor / sup_loss_scale (supervised term = nnU-Net's loss, ratios kept)
     keep_nnunet_loss_scale: bool = True
     #: None = all classes averaged if more than 2 classes (ACDC code), foreground only if binary (LA code)
-    dice_include_background: Optional[bool] = None
+    dice_include_background: Optional[bool] = False
     #: None = 1e-4 if more than 2 classes (ACDC code), 1e-5 if binary (LA code)
     dice_smooth: Optional[float] = None
     dice_squared_denominator: bool = True
     #: average the unsupervised Dice over the classes present in the kept pseudo-label only (not in the code)
-    dice_skip_absent_classes: bool = False
+    dice_skip_absent_classes: bool = True
+    #: weight of a masked CE added to every unsupervised Dice term (not in the code, which has no CE there)
+    unsup_ce_weight: float = 1.0
+    #: scale the unsupervised terms by nnU-Net's deep-supervision weight of the full-resolution output, so
+    #: that the full-resolution supervised : unsupervised ratio is the released code's (which has no DS)
+    match_full_resolution_ratio: bool = False
     # ---- passes -----------------------------------------------------------------------------
     #: one grad forward on [x; u_s1; u_w; u_s2]; False = the code's two ([x; u_w], [u_s1; u_s2])
     single_student_pass: bool = True
@@ -356,9 +369,28 @@ class CrossMatchTrainer(SemiSupervisedTrainer):
         return float(self.tau)
 
     def unsup_dice(self, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        return masked_dice_loss(torch.softmax(logits.float(), 1), target, keep, include_background=self.dice_bg,
+        """One unsupervised term: the masked Dice, plus ``unsup_ce_weight`` x masked CE when that is set."""
+        loss = masked_dice_loss(torch.softmax(logits.float(), 1), target, keep, include_background=self.dice_bg,
                                 smooth=self.dice_eps, squared_denominator=self.dice_squared_denominator,
                                 batch_dice=True, skip_absent_classes=self.dice_skip_absent_classes)
+        if self.unsup_ce_weight:
+            loss = loss + self.unsup_ce_weight * masked_cross_entropy(logits, target, keep)
+        return loss
+
+    def full_resolution_weight(self) -> float:
+        """nnU-Net's deep-supervision weight of the full-resolution output (1 without deep supervision)."""
+        weights = getattr(self.loss, "weight_factors", None)
+        if not self.enable_deep_supervision or weights is None:
+            return 1.0
+        return float(weights[0]) / float(sum(weights))
+
+    def mix_source_on_every_sample(self) -> bool:
+        """Under DDP with batch norm (SyncBatchNorm) every rank must run the same collectives, so the mix
+        source is run on all its samples whatever CutMix boxes the rank drew (with instance norm, nnU-Net's
+        default, a rank may skip the samples without a box)."""
+        if not getattr(self, "is_ddp", False):
+            return False
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.network.modules())
 
     @torch.no_grad()
     def mix_source_predictions(self, m_weak: torch.Tensor, box1: torch.Tensor, box2: torch.Tensor, fp: dict):
@@ -369,8 +401,11 @@ class CrossMatchTrainer(SemiSupervisedTrainer):
         other samples' rows stay 0. Expected cost with cutmix_p 0.5: 3/4 of the clean and 1/2 of the
         dropout-stream samples."""
         with_fp = self.fp_labels_from_mix_source
-        need_any = (box1.flatten(1).any(1) | box2.flatten(1).any(1)).tolist()
-        need_fp = box2.flatten(1).any(1).tolist() if with_fp else [False] * len(need_any)
+        if self.mix_source_on_every_sample():
+            need_any, need_fp = [True] * m_weak.shape[0], [with_fp] * m_weak.shape[0]
+        else:
+            need_any = (box1.flatten(1).any(1) | box2.flatten(1).any(1)).tolist()
+            need_fp = box2.flatten(1).any(1).tolist() if with_fp else [False] * len(need_any)
         clean_only = [i for i, (a, f) in enumerate(zip(need_any, need_fp)) if a and not f]
         fp_rows = [i for i, f in enumerate(need_fp) if f]
         order = clean_only + fp_rows   # the samples with dropout streams last (fp_from)
@@ -427,6 +462,8 @@ class CrossMatchTrainer(SemiSupervisedTrainer):
                                               valid, valid_mix, self.temperature)
         loss_kd = (1.0 - self.eta) * terms["loss_tkd"] + self.eta * terms["loss_dkd"]
         loss_u = self.weight_s1 * terms["loss_s1"] + self.weight_s2 * terms["loss_s2"] + self.kd_weight * loss_kd
+        if self.match_full_resolution_ratio:
+            loss_u = loss_u * self.full_resolution_weight()
         total = (loss_sup + self.unsup_weight_now() * loss_u) / self.loss_divisor
         if self.keep_nnunet_loss_scale:
             total = total * (self.loss_divisor / self.sup_loss_scale)
@@ -435,7 +472,19 @@ class CrossMatchTrainer(SemiSupervisedTrainer):
         return total, {k: logged[k] for k in LOG_TERMS}
 
 
-class CrossMatchTrainer_paper(CrossMatchTrainer):
+class CrossMatchTrainer_released(CrossMatchTrainer):
+    """The released code at HEAD: Dice-only unsupervised terms (all classes with more than two, foreground
+    for binary problems), full weight from step 0, no warm-up (the plugin's default up to version 0.1)."""
+    warmup_iters = 0
+    warmup_pseudo_dice = None
+    rampup_iters = None
+    rampup_fraction = 0.0
+    dice_include_background = None
+    dice_skip_absent_classes = False
+    unsup_ce_weight = 0.0
+
+
+class CrossMatchTrainer_paper(CrossMatchTrainer_released):
     """The paper-time code (``d00de40``): (L_sup + 0.5 L_s1 + 0.5 L_s2 + L_kd) / 3, tau 0.85 (fixed;
     the LA code annealed it, see ``CrossMatchTrainer_paperAnnealedTau``). Keeps HEAD's CutMix fix;
     set ``fp_labels_from_mix_source = False`` for the paper-time bug as well."""
@@ -452,13 +501,13 @@ class CrossMatchTrainer_paperAnnealedTau(CrossMatchTrainer_paper):
     tau_anneal_fraction = 17000 / 9000
 
 
-class CrossMatchTrainer_annealedTau(CrossMatchTrainer):
+class CrossMatchTrainer_annealedTau(CrossMatchTrainer_released):
     """HEAD's LA threshold: tau0 0.75 annealed (x ln 2) over 17000 of 14000 iterations."""
     tau = 0.75
     tau_schedule = "annealed"
 
 
-class CrossMatchTrainer_rampUp(CrossMatchTrainer):
+class CrossMatchTrainer_rampUp(CrossMatchTrainer_released):
     """Not in the released code: the unsupervised terms ramp in with the base's sigmoid ramp-up,
     exp(-5 (1 - t / T)^2) with T = ``rampup_fraction`` x all training steps (factor 0.0067 at step 0,
     0.29 at T/2, 1 from T on). Short CPU budgets start inside nnU-Net's all-background phase, where the
@@ -468,7 +517,7 @@ class CrossMatchTrainer_rampUp(CrossMatchTrainer):
     rampup_fraction = 0.5
 
 
-class CrossMatchTrainer_presentClassDice(CrossMatchTrainer):
+class CrossMatchTrainer_presentClassDice(CrossMatchTrainer_released):
     """Not in the released code: each unsupervised Dice term averages only over the classes present in its
     (kept) pseudo-label batch. In the code's Dice (squared denominator, smooth 1e-4 or 1e-5) a class absent
     from the pseudo-label pulls that class's probabilities towards 0 with a gradient of about 2 p / smooth

@@ -3,11 +3,19 @@
 The teacher is an exponential moving average of the student (decay ``ema_decay``, with Mean
 Teacher's warm-up min(1 - 1/(t+1), decay)). Each step the teacher predicts the weak view of the
 unlabeled batch and the student is trained to match it on a strong, pixel-aligned view of the same
-patch, with the consistency weight ramped up by exp(-5(1 - t/T)^2). Defaults follow SSL4MIS'
-Mean Teacher: softmax-MSE consistency, weight 0.1, ramp-up over the whole training, no confidence
-mask. The unsupervised loss acts on the full-resolution output only; the labeled loss is nnU-Net's
+patch. The unsupervised loss acts on the full-resolution output only; the labeled loss is nnU-Net's
 (deep supervision included). The student is exported by default (SSL4MIS and UA-MT test the
 student); ``MeanTeacherTrainer_exportTeacher`` exports and validates the teacher.
+
+Default recipe (for nnU-Net; measured against the released one in benchmarks/RESULTS.md): nnU-Net's own
+loss form on the teacher's hard pseudo-label, CE + foreground Dice over the classes present in the
+pseudo-label, on the voxels with teacher confidence >= 0.9 inside the image (nnU-Net's padding left out),
+weight 1, after a supervised warm-up (at least 250 iterations and nnU-Net's EMA pseudo Dice >= 0.5), then
+a sigmoid ramp over 500 iterations.
+
+``MeanTeacherTrainer_released`` is SSL4MIS' Mean Teacher: softmax-MSE consistency on every voxel, weight
+0.1, sigmoid ramp-up over the whole training, no warm-up, no confidence mask. Against nnU-Net's loss that
+term is below 0.001 of the total, so the recipe trains much like the supervised trainer.
 """
 from typing import Optional
 
@@ -21,12 +29,23 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
     use_ema_teacher = True
     ema_decay: float = 0.99
     #: 'mse' (softmax MSE), 'ce' or 'dice_ce' on the teacher's hard pseudo-label
-    consistency: str = "mse"
-    unsup_weight: float = 0.1
+    consistency: str = "dice_ce"
+    #: weights of the two parts of 'dice_ce' (1 and 1: nnU-Net's DC_and_CE_loss)
+    consistency_dice_weight: float = 1.0
+    consistency_ce_weight: float = 1.0
+    #: Dice of 'dice_ce' with the background class (nnU-Net's loss: without)
+    dice_include_background: bool = False
+    #: Dice of 'dice_ce' averaged over the classes present in the kept pseudo-label only
+    dice_skip_absent_classes: bool = True
+    unsup_weight: float = 1.0
     rampup: str = "sigmoid"
-    rampup_fraction: float = 1.0
+    rampup_iters: Optional[int] = 500
+    warmup_iters: int = 250
+    warmup_pseudo_dice: Optional[float] = 0.5
     #: keep only voxels whose teacher confidence is >= this (None = all voxels)
-    conf_thresh: Optional[float] = None
+    conf_thresh: Optional[float] = 0.9
+    #: leave voxels outside the image (nnU-Net's padding) out of the loss and the logged statistics
+    mask_padding: bool = True
 
     def compute_loss(self, data, target, unlabeled):
         u = unlabeled[0]
@@ -34,17 +53,40 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
             teacher_logits = self.teacher(u.weak).float()
         out_l, (out_u,) = self.joint_forward(data, u.strong[0])
         loss_sup = self.loss(out_l, target)
-        loss_u, stats = consistency_loss(self.consistency, out_u, teacher_logits, self.conf_thresh)
+        loss_u, stats = consistency_loss(self.consistency, out_u, teacher_logits, self.conf_thresh,
+                                         valid=u.valid if self.mask_padding else None,
+                                         dice_include_background=self.dice_include_background,
+                                         dice_skip_absent_classes=self.dice_skip_absent_classes,
+                                         dice_weight=self.consistency_dice_weight,
+                                         ce_weight=self.consistency_ce_weight)
         total = loss_sup + self.unsup_weight_now() * loss_u
         return total, {"loss_sup": loss_sup.detach(), "loss_unsup": loss_u.detach(), **stats}
+
+
+class MeanTeacherTrainer_released(MeanTeacherTrainer):
+    """SSL4MIS' Mean Teacher: softmax MSE on every voxel (padding included), weight 0.1, sigmoid ramp-up
+    over the whole run, no warm-up. (The default of this plugin up to version 0.1.)"""
+    consistency = "mse"
+    consistency_dice_weight = 0.5
+    consistency_ce_weight = 0.5
+    dice_include_background = True
+    dice_skip_absent_classes = False
+    unsup_weight = 0.1
+    rampup_iters = None
+    rampup_fraction = 1.0
+    warmup_iters = 0
+    warmup_pseudo_dice = None
+    conf_thresh = None
+    mask_padding = False
 
 
 class MeanTeacherTrainer_exportTeacher(MeanTeacherTrainer):
     export_network = "teacher"
 
 
-class MeanTeacherTrainer_confCE(MeanTeacherTrainer):
-    """FixMatch-style variant: CE on teacher pseudo-labels with confidence >= 0.9, weight 1."""
+class MeanTeacherTrainer_confCE(MeanTeacherTrainer_released):
+    """FixMatch-style variant of the released recipe: CE on teacher pseudo-labels with confidence >= 0.9,
+    weight 1."""
     consistency = "ce"
     conf_thresh = 0.9
     unsup_weight = 1.0

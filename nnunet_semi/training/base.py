@@ -8,10 +8,14 @@ A method is a small subclass that sets class attributes and implements one hook,
   (:class:`~nnunet_semi.data.loader.UnlabeledBatch`), ``unlabeled_batches_per_step`` batches per step
   (a second one is a CutMix source);
 - labeled and unlabeled batch sizes (global, split over DDP ranks by nnU-Net's rule);
-- the unsupervised-weight ramp-up (:meth:`unsup_weight_now`) and a global step counter;
+- the unsupervised weight (:meth:`unsup_weight_now`): exactly 0 during a supervised warm-up (at least
+  ``warmup_iters`` iterations and, if ``warmup_pseudo_dice`` is set, until nnU-Net's EMA pseudo Dice
+  reaches it), then a ramp-up over ``rampup_iters`` iterations (or ``rampup_fraction`` of the run); the
+  step at which the gate opened is checkpoint state, so ``--c`` continues the same schedule;
 - an optional EMA teacher (``use_ema_teacher``), updated identically on every rank from the
   DDP-synchronised student, validated/exported instead of the student if ``export_network='teacher'``;
-- AMP, gradient clipping and the optimiser step as nnU-Net does them;
+- AMP, gradient clipping and the optimiser step as nnU-Net does them, with the gradient norm before
+  clipping and the fraction of clipped steps logged (``grad_norm``, ``clip_ratio``);
 - per-epoch logging of every term ``compute_loss`` returns, drawn as a fourth panel of progress.png;
 - checkpoints written atomically, with the extra state (teacher, student when the teacher is
   exported, RNG states, method state) under the key ``'nnunet_semi'``, restored by ``--c``/``--val``.
@@ -43,6 +47,7 @@ from nnunet_semi.data.views import MultiViewTransform, split_views, strong_view_
 from nnunet_semi.ema import copy_weights, ema_decay_at, ema_update, unwrap
 from nnunet_semi.env import ext_trainer_configured, missing_trainer_message
 from nnunet_semi.schedules import ramp
+from nnunet_semi.training.budget import apply_schedule_overrides
 from nnunet_semi.training.plugin import PluginTrainerMixin
 from nnunet_semi.training.progress import SemiLocalLogger
 
@@ -113,8 +118,16 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
     unsup_weight: float = 1.0
     #: ramp-up shape: 'sigmoid' (exp(-5(1-t)^2)), 'linear' or 'none'
     rampup: str = "sigmoid"
-    #: ramp-up length as a fraction of all training iterations (0 = no ramp-up)
+    #: ramp-up length as a fraction of all training iterations (0 = no ramp-up); used when rampup_iters is None
     rampup_fraction: float = 0.0
+    #: ramp-up length in iterations after the warm-up gate opens (None = rampup_fraction x all iterations)
+    rampup_iters: Optional[int] = None
+    #: supervised warm-up: the unsupervised weight is exactly 0 for at least this many iterations
+    warmup_iters: int = 0
+    #: ... and, if set, until nnU-Net's EMA pseudo Dice (ema_fg_dice, updated after each epoch) reaches this
+    warmup_pseudo_dice: Optional[float] = None
+    #: gradient-norm clipping threshold (nnU-Net's 12)
+    grad_clip: float = 12.0
     # ---- EMA teacher ------------------------------------------------------------------------
     use_ema_teacher: bool = False
     ema_decay: float = 0.99
@@ -137,6 +150,12 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         self.batch_size_unlabeled: Optional[int] = None
         self._iter_in_epoch = 0
         self._unlabeled_wait = 0.0
+        #: global step at which the warm-up gate opened (None: still closed)
+        self.unsup_gate_step: Optional[int] = None
+        self._grad_norm: Optional[torch.Tensor] = None
+        apply_schedule_overrides(self)
+        if self.warmup_iters < 0:
+            raise ValueError(f"{type(self).__name__}.warmup_iters must be >= 0")
         if not ext_trainer_configured():
             self.print_to_log_file("WARNING: " + missing_trainer_message())
 
@@ -224,8 +243,36 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
     def total_steps(self) -> int:
         return self.num_epochs * self.num_iterations_per_epoch
 
+    def rampup_length(self) -> float:
+        """Ramp-up length in iterations, counted from the step at which the warm-up gate opens."""
+        if self.rampup_iters is not None:
+            return float(self.rampup_iters)
+        return self.rampup_fraction * self.total_steps
+
+    def pseudo_dice_now(self) -> Optional[float]:
+        """nnU-Net's EMA pseudo Dice after the last finished epoch (None before the first)."""
+        values = self.logger.my_fantastic_logging.get("ema_fg_dice", [])
+        return float(values[-1]) if values else None
+
+    def update_unsup_gate(self) -> None:
+        """Open the warm-up gate at the first step with at least ``warmup_iters`` iterations done and, when
+        ``warmup_pseudo_dice`` is set, nnU-Net's EMA pseudo Dice at or above it. It never closes again."""
+        if self.unsup_gate_step is not None or self.global_step < self.warmup_iters:
+            return
+        dice = self.pseudo_dice_now()
+        if self.warmup_pseudo_dice is not None and (dice is None or not dice >= self.warmup_pseudo_dice):
+            return
+        self.unsup_gate_step = self.global_step
+        if self.warmup_iters or self.warmup_pseudo_dice is not None:
+            self.print_to_log_file(f"nnunet_semi: supervised warm-up over, unsupervised terms ramp in from step "
+                                   f"{self.global_step}" + (f" (EMA pseudo Dice {dice:.3f})" if dice is not None
+                                                            else ""))
+
     def rampup_factor(self) -> float:
-        return ramp(self.rampup, self.global_step, self.rampup_fraction * self.total_steps)
+        """0 while the warm-up gate is closed, then the ramp-up from the step it opened."""
+        if self.unsup_gate_step is None:
+            return 0.0
+        return ramp(self.rampup, self.global_step - self.unsup_gate_step, self.rampup_length())
 
     def unsup_weight_now(self) -> float:
         return self.unsup_weight * self.rampup_factor()
@@ -263,16 +310,17 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         return self.network.parameters()
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
-        """Backward, unscale, clip the gradient norm to 12 and step, as nnU-Net does."""
+        """Backward, unscale, clip the gradient norm to ``grad_clip`` (nnU-Net's 12) and step, as nnU-Net
+        does. The norm before clipping is kept (a tensor, no sync) for the step's logged terms."""
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), 12)
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.grad_clip)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), 12)
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.grad_clip)
             self.optimizer.step()
 
     def after_optimizer_step(self) -> None:
@@ -285,12 +333,19 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
         unlabeled = [self.next_unlabeled() for _ in range(self.unlabeled_batches_per_step)]
+        self.update_unsup_gate()
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             loss, terms = self.compute_loss(data, target, unlabeled)
+        self._grad_norm = None
         self.optimizer_step(loss)
         self.after_optimizer_step()
         out = {"loss": loss.detach().cpu().numpy(), "unsup_weight_factor": self.rampup_factor()}
+        if self._grad_norm is not None:  # a non-finite norm (AMP overflow step) is logged as NaN, not as clipped
+            norm = self._grad_norm.detach().float()
+            finite = torch.isfinite(norm)
+            terms = {**terms, "grad_norm": torch.where(finite, norm, torch.nan),
+                     "clip_ratio": torch.where(finite, (norm > self.grad_clip).float(), torch.nan)}
         out.update(self._terms_to_floats(terms))
         self._iter_in_epoch += 1
         return out
@@ -374,7 +429,7 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
     def semi_state_dict(self) -> dict:
         """Extra checkpoint state (tensors, dicts and primitives only). Methods extend it."""
         state = {"format": 1, "export_network": self.export_network, "rng": rng_state(),
-                 "hparams": self.semi_hparams()}
+                 "hparams": self.semi_hparams(), "unsup_gate_step": self.unsup_gate_step}
         if self.teacher is not None:
             state["teacher_weights"] = self.teacher.state_dict()
             if self.export_network == "teacher":
@@ -391,6 +446,8 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
                 copy_weights(self.teacher, self.network)
         if state.get("rng") is not None:
             set_rng_state(state["rng"])
+        # a checkpoint without the key predates the warm-up gate: its schedule started at step 0
+        self.unsup_gate_step = state.get("unsup_gate_step", 0 if "hparams" in state else None)
 
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank != 0:

@@ -12,6 +12,13 @@ a benchmark or a quick CPU run gives every arm the same budget without new train
 - ``nnUNet_semi_skip_final_validation``: ``1`` skips the validation nnU-Net runs right after training
   (``nnUNetv2_train ... --val`` still runs it); benchmarks and the demo evaluate held-out cases instead.
 
+Three more set the semi-supervised trainers' warm-up schedule (class attributes of the same names),
+for runs far shorter than nnU-Net's 250000 iterations (demos, smoke tests):
+
+- ``nnUNet_semi_warmup_iters``: supervised-only iterations before the unsupervised terms may act (>= 0)
+- ``nnUNet_semi_warmup_pseudo_dice``: EMA pseudo Dice that must also be reached first (``none``: no gate)
+- ``nnUNet_semi_rampup_iters``: ramp-up length in iterations after the gate opens (>= 0)
+
 They are read when the trainer is built; the values in force are printed to the training log.
 """
 from __future__ import annotations
@@ -56,4 +63,34 @@ def apply_budget_overrides(trainer) -> dict:
         applied["seed"] = seed
     if applied:
         trainer.print_to_log_file(f"nnunet_semi budget overrides from the environment: {applied}")
+    return applied
+
+
+SCHEDULE_VARS = {"nnUNet_semi_warmup_iters": "warmup_iters", "nnUNet_semi_warmup_pseudo_dice": "warmup_pseudo_dice",
+                 "nnUNet_semi_rampup_iters": "rampup_iters"}
+
+
+def apply_schedule_overrides(trainer) -> dict:
+    """The warm-up/ramp-up variables above, set on ``trainer`` (a semi-supervised trainer)."""
+    applied = {}
+    for var, attr in SCHEDULE_VARS.items():
+        raw = os.environ.get(var, "").strip()
+        if not raw:
+            continue
+        try:
+            if attr == "warmup_pseudo_dice":
+                value = None if raw.lower() == "none" else float(raw)
+                if value is not None and not 0 <= value <= 1:
+                    raise ValueError
+            else:
+                value = int(raw)
+                if value < 0:
+                    raise ValueError
+        except ValueError:
+            want = "a number in [0, 1] or 'none'" if attr == "warmup_pseudo_dice" else "an integer >= 0"
+            raise RuntimeError(f"environment variable {var}={raw!r} must be {want}") from None
+        setattr(trainer, attr, value)
+        applied[attr] = value
+    if applied:
+        trainer.print_to_log_file(f"nnunet_semi warm-up schedule from the environment: {applied}")
     return applied

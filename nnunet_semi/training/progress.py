@@ -19,8 +19,10 @@ from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
 NNUNET_KEYS = ('mean_fg_dice', 'ema_fg_dice', 'dice_per_class_or_region', 'train_losses', 'val_losses', 'lrs',
                'epoch_start_timestamps', 'epoch_end_timestamps')
-# curves on the right-hand axis (values in [0, 1])
-RATIO_KEYS = ('pl_confidence', 'mask_ratio', 'unsup_weight_factor')
+#: logged terms that are ratios or thresholds in [0, 1] (drawn on their own axis here and in benchmark reports)
+RATIO_KEYS = ('pl_confidence', 'mask_ratio', 'unsup_weight_factor', 'tau', 'clip_ratio')
+#: logged terms on a scale of their own (the gradient norm before clipping): drawn in a panel of their own
+OWN_SCALE_KEYS = ('grad_norm',)
 
 
 class SemiLocalLogger(LocalLogger):
@@ -47,20 +49,27 @@ class SemiLocalLogger(LocalLogger):
         epoch = min(len(v) for v in self.my_fantastic_logging.values()) - 1
         x = list(range(epoch + 1))
         dpi = 100
-        fig, ax = plt.subplots(1, 1, figsize=(base.width / dpi, 18), dpi=dpi)
+        own = [k for k in extra if k in OWN_SCALE_KEYS]
+        fig, axes = plt.subplots(2 if own else 1, 1, figsize=(base.width / dpi, 27 if own else 18), dpi=dpi,
+                                 squeeze=False, gridspec_kw={"height_ratios": [2, 1] if own else [1]})
+        ax = axes[0, 0]
         ax2 = ax.twinx()
         colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
         for i, k in enumerate(extra):
             y = np.asarray(self.my_fantastic_logging[k][:epoch + 1], dtype=float)
-            target = ax2 if k in RATIO_KEYS else ax
+            target = axes[1, 0] if k in OWN_SCALE_KEYS else ax2 if k in RATIO_KEYS else ax
             target.plot(x, y, color=colors[i % len(colors)], ls='dotted' if target is ax2 else '-',
                         label=k, linewidth=4)
         ax.set_xlabel("epoch")
         ax.set_ylabel("semi-supervised losses")
-        ax2.set_ylabel("confidence / mask ratio / weight factor")
+        ax2.set_ylabel("confidence / mask ratio / weight factor / threshold")
         ax2.set_ylim(0, 1.05)
         ax.legend(loc=(0, 1))
         ax2.legend(loc=(0.35, 1))
+        if own:
+            axes[1, 0].set_xlabel("epoch")
+            axes[1, 0].set_ylabel("gradient norm before clipping (mean per epoch)")
+            axes[1, 0].legend(loc="upper right")
         plt.tight_layout()
         with tempfile.TemporaryDirectory() as tmp:
             fig.savefig(os.path.join(tmp, "ssl.png"), dpi=dpi)
