@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 COMPARED = ("dataset", "configuration", "plans", "eval_group", "plans_config")
 

@@ -82,6 +82,8 @@ def build(trainer_name: str, dataset: str, configuration: str, device):
     cls = recursive_find_trainer_class_by_name(trainer_name)
     t = cls(plans=plans, configuration=configuration, fold=0, dataset_json=load_json(os.path.join(pre, "dataset.json")),
             device=device)
+    if getattr(t, "teacher_warmup_fraction", 0):
+        t.teacher_warmup_fraction = 0.0   # time Reciprocal Learning's step, not its teacher-only warm-up
     t.initialize()
     t.dataloader_train, t.dataloader_val = t.get_dataloaders()
     t.set_deep_supervision_enabled(t.enable_deep_supervision)

@@ -19,8 +19,8 @@ from nnunet_semi.data.loader import UnlabeledBatch
 from nnunet_semi.methods import crossmatch as cm
 from nnunet_semi.methods.crossmatch import (CrossMatchTrainer, CrossMatchTrainer_annealedTau, CrossMatchTrainer_paper,
                                             CrossMatchTrainer_presentClassDice, CrossMatchTrainer_rampUp,
-                                            CrossMatchTrainer_released, FeaturePerturbationUNet,
-                                            add_feature_perturbation, annealed_tau, crossmatch_unsupervised_terms)
+                                            CrossMatchTrainer_released, annealed_tau, crossmatch_unsupervised_terms)
+from nnunet_semi.networks.feature_perturbation import FeaturePerturbationUNet, add_feature_perturbation
 from nnunet_semi.perturbations import channel_dropout_mask, perturb_skips
 
 NUM_CLASSES = 3

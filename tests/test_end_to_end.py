@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -43,11 +44,11 @@ def test_meanteacher_3d_trains_with_unlabeled_data(mt3d, prepared):
     assert ckpt["trainer_name"] == "MeanTeacherTrainer"
     assert ckpt["current_epoch"] == 2
     state = ckpt["nnunet_semi"]
-    assert set(state["teacher_weights"]) == set(ckpt["network_weights"])
+    assert set(state["aux"]["teacher"]["weights"]) == set(ckpt["network_weights"])
     assert state["hparams"]["ema_decay"] == 0.99
     # the teacher is an average, not a copy, of the student
     k = next(k for k in ckpt["network_weights"] if k.endswith("weight"))
-    assert not torch.equal(state["teacher_weights"][k], ckpt["network_weights"][k])
+    assert not torch.equal(state["aux"]["teacher"]["weights"][k], ckpt["network_weights"][k])
     logging = ckpt["logging"]
     for key in ("loss_sup", "loss_unsup", "pl_confidence", "mask_ratio", "unsup_weight_factor", "grad_norm",
                 "clip_ratio"):
@@ -82,7 +83,7 @@ plans = json.load(open(pre + '/nnUNetPlans.json')); plans['continue_training'] =
 t = MeanTeacherTrainer(plans, '3d_fullres', 0, json.load(open(pre + '/dataset.json')), torch.device('cpu'))
 t.load_checkpoint({final!r})
 ck = torch.load({final!r}, map_location='cpu', weights_only=False)
-same_teacher = all(torch.equal(v, ck['nnunet_semi']['teacher_weights'][k]) for k, v in t.teacher.state_dict().items())
+same_teacher = all(torch.equal(v, ck["nnunet_semi"]["aux"]["teacher"]["weights"][k]) for k, v in t.teacher.state_dict().items())
 differs_from_student = any(not torch.equal(v, t.network.state_dict()[k]) for k, v in t.teacher.state_dict().items())
 print('RESULT', json.dumps(dict(epoch=t.current_epoch, same_teacher=same_teacher, differs=differs_from_student)))
 """
@@ -97,8 +98,8 @@ print('RESULT', json.dumps(dict(epoch=t.current_epoch, same_teacher=same_teacher
     assert resumed["current_epoch"] == 3
     assert len(resumed["logging"]["loss_unsup"]) == 3
     # the teacher continued from the saved one: one more epoch of EMA moved it only a little
-    k = next(k for k in saved["nnunet_semi"]["teacher_weights"] if k.endswith("weight"))
-    t0, t1 = saved["nnunet_semi"]["teacher_weights"][k], resumed["nnunet_semi"]["teacher_weights"][k]
+    k = next(k for k in saved["nnunet_semi"]["aux"]["teacher"]["weights"] if k.endswith("weight"))
+    t0, t1 = saved["nnunet_semi"]["aux"]["teacher"]["weights"][k], resumed["nnunet_semi"]["aux"]["teacher"]["weights"][k]
     assert not torch.equal(t0, t1)
 
     # --val re-runs the final validation from checkpoint_final
@@ -113,7 +114,7 @@ def test_meanteacher_2d_train_and_predict(prepared):
     # the teacher is exported: network_weights hold it, the student is kept apart for --c
     state = ckpt["nnunet_semi"]
     k = next(iter(ckpt["network_weights"]))
-    assert torch.equal(ckpt["network_weights"][k], state["teacher_weights"][k])
+    assert torch.equal(ckpt["network_weights"][k], state["aux"]["teacher"]["weights"][k])
     assert "student_weights" in state
     _predictions_ok(predict(prepared, "MeanTeacherTrainer_exportTeacher", "2d"), prepared)
 
@@ -175,6 +176,117 @@ def test_crossmatch_with_residual_encoder_plans(prepared):
          "-c", "3d_fullres", "-p", "nnUNetResEncUNetMPlans", "-f", "0", "-tr", "CrossMatchTrainer", "-device", "cpu",
          "--disable_tta", "-npp", "1", "-nps", "1"], prepared.env)
     _predictions_ok(out, prepared)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reciprocal Learning: two trainable networks, two optimizers
+# ----------------------------------------------------------------------------------------------
+def _rl_checks(folder, trainer, epochs):
+    ckpt = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == trainer and ckpt["current_epoch"] == epochs
+    teacher = ckpt["nnunet_semi"]["aux"]["teacher"]
+    assert set(teacher["weights"]) == set(ckpt["network_weights"]) and teacher["optimizer"]["state"]
+    for key in ("loss_student_pl", "loss_student_feedback", "loss_teacher_pl", "loss_teacher_sup", "feedback_h",
+                "grad_norm", "grad_norm_teacher"):
+        assert len(ckpt["logging"][key]) == epochs and np.isfinite(ckpt["logging"][key][-1]), key
+    return ckpt
+
+
+@pytest.mark.parametrize("config", ["2d", "3d_fullres"])
+def test_reciprocal_learning_train_resume_and_predict(prepared, config):
+    # 2 epochs x 3 iterations; the in-run teacher warm-up takes the first 20% (1 iteration)
+    folder = train(prepared, "ReciprocalLearningTrainer", config)
+    first = _rl_checks(folder, "ReciprocalLearningTrainer", 2)
+    train(prepared, "ReciprocalLearningTrainer", config, epochs=3, extra=("--c",))
+    resumed = _rl_checks(folder, "ReciprocalLearningTrainer", 3)
+    log = open(os.path.join(prepared.root, f"train_ReciprocalLearningTrainer_{config}--c.log")).read()
+    assert "Epoch 2" in log and "Epoch 0\n" not in log
+    # the teacher continued from its saved state (its optimizer's momentum too)
+    k = next(k for k in first["nnunet_semi"]["aux"]["teacher"]["weights"] if k.endswith("weight"))
+    assert not torch.equal(first["nnunet_semi"]["aux"]["teacher"]["weights"][k],
+                           resumed["nnunet_semi"]["aux"]["teacher"]["weights"][k])
+    _predictions_ok(predict(prepared, "ReciprocalLearningTrainer", config), prepared)
+
+
+def test_reciprocal_learning_survives_sigkill_and_resumes(prepared):
+    """SIGKILL in the middle of training, then --c: it finishes, and the restored teacher is the saved one,
+    not a copy of the student or a fresh network."""
+    import signal
+    trainer, epochs = "ReciprocalLearningTrainer_exportTeacher", 8
+    env = dict(prepared.env, nnUNet_semi_epochs=str(epochs), nnUNet_semi_iters="3", nnUNet_semi_val_iters="1",
+               nnUNet_semi_save_every="1")
+    folder = os.path.join(prepared.res, f"{trainer}__nnUNetPlans__2d", "fold_0")
+    latest = os.path.join(folder, "checkpoint_latest.pth")
+    cmd = ["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", trainer, "-device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.isfile(latest):
+                try:
+                    if torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"] >= 2:
+                        break
+                except Exception:   # being written: the atomic rename has not happened yet
+                    pass
+            time.sleep(0.5)
+        assert proc.poll() is None, "training ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
+    saved = torch.load(latest, map_location="cpu", weights_only=False)
+    killed_at = saved["current_epoch"]
+    assert 2 <= killed_at < epochs
+    script = f"""
+import json, torch, sys
+from nnunet_semi.methods.reciprocal_learning import ReciprocalLearningTrainer_exportTeacher as T
+pre = {prepared.pre!r}
+plans = json.load(open(pre + '/nnUNetPlans.json'))
+t = T(plans, '2d', 0, json.load(open(pre + '/dataset.json')), torch.device('cpu'))
+t.initialize()
+t.load_checkpoint({latest!r})
+ck = torch.load({latest!r}, map_location='cpu', weights_only=False)
+tw = ck['nnunet_semi']['aux']['teacher']['weights']
+same = all(torch.equal(v, tw[k]) for k, v in t.aux['teacher'].module.state_dict().items())
+student = all(torch.equal(v, ck['nnunet_semi']['student_weights'][k]) for k, v in t.network.state_dict().items())
+differs = any(not torch.equal(v, t.network.state_dict()[k]) for k, v in tw.items())
+opt = t.aux['teacher'].optimizer.state_dict()['state']
+print('RESULT', json.dumps(dict(epoch=t.current_epoch, same=same, student=student, differs=differs,
+                                momentum=len(opt) > 0)))
+"""
+    p = run([sys.executable, "-c", script], env)
+    assert json.loads(p.stdout.split("RESULT", 1)[1]) == {"epoch": killed_at, "same": True, "student": True,
+                                                         "differs": True, "momentum": True}
+    run(cmd + ["--c"], env, log=os.path.join(prepared.root, "train_rl_sigkill_resume.log"))
+    final = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == epochs
+    log = open(os.path.join(prepared.root, "train_rl_sigkill_resume.log")).read()
+    assert f"Epoch {killed_at}\n" in log and "Epoch 0\n" not in log
+    # the exported network is the teacher
+    k = next(iter(final["network_weights"]))
+    assert torch.equal(final["network_weights"][k], final["nnunet_semi"]["aux"]["teacher"]["weights"][k])
+
+
+def test_reciprocal_learning_teacher_from_a_supervised_checkpoint(prepared, mt3d):
+    sup = train(prepared, "SupervisedBaselineTrainer", "2d", epochs=1, iters=2)
+    ckpt = os.path.join(sup, "checkpoint_final.pth")
+    folder = train(prepared, "ReciprocalLearningTrainer_released", "2d", epochs=1, iters=2,
+                   nnUNet_semi_teacher_checkpoint=ckpt)
+    log = open(os.path.join(prepared.root, "train_ReciprocalLearningTrainer_released_2d.log")).read()
+    assert f"teacher from {ckpt}" in log
+    state = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    assert state["nnunet_semi"]["teacher_pretrained"] is True
+    assert "feedback_h" in state["logging"]          # no warm-up phase: the reciprocal step from the start
+    # a checkpoint of another configuration (3d_fullres) is refused, naming it and the fix
+    wrong = os.path.join(mt3d, "checkpoint_final.pth")
+    e = dict(prepared.env, nnUNet_semi_epochs="1", nnUNet_semi_iters="2", nnUNet_semi_teacher_checkpoint=wrong)
+    p = run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "ReciprocalLearningTrainer_released", "-device",
+             "cpu"], e, check=False)
+    assert p.returncode != 0
+    assert wrong in p.stdout and "configuration 3d_fullres" in p.stdout and "this run uses plans nnUNetPlans, " \
+        "configuration 2d" in p.stdout
 
 
 def test_zz_no_withheld_label_was_read(prepared):

@@ -74,12 +74,13 @@ def test_without_warmup_the_schedule_is_the_old_fraction_ramp():
 
 def test_gate_state_round_trips_through_the_checkpoint_state(monkeypatch):
     tr = stub(MeanTeacherTrainer, warmup_iters=10, warmup_pseudo_dice=None, rampup_iters=20,
-              export_network="student", teacher=None)
+              export_network="student", aux={}, network=nn.Linear(2, 2))
     at_step(tr, 15)
     assert tr.unsup_gate_step == 15
     state = SemiSupervisedTrainer.semi_state_dict(tr)
     assert state["unsup_gate_step"] == 15
-    fresh = stub(MeanTeacherTrainer, warmup_iters=10, warmup_pseudo_dice=None, rampup_iters=20, teacher=None)
+    fresh = stub(MeanTeacherTrainer, warmup_iters=10, warmup_pseudo_dice=None, rampup_iters=20, aux={},
+                 network=nn.Linear(2, 2))
     fresh.load_semi_state_dict(state)
     assert fresh.unsup_gate_step == 15
     fresh.current_epoch, fresh._iter_in_epoch = 0, 25
@@ -114,7 +115,7 @@ def test_schedule_variables(monkeypatch):
 def test_optimizer_step_keeps_the_norm_before_clipping():
     torch.manual_seed(0)
     net = nn.Linear(4, 3)
-    tr = stub(MeanTeacherTrainer, network=net, grad_scaler=None,
+    tr = stub(MeanTeacherTrainer, network=net, grad_scaler=None, _grad_norms={},
               optimizer=torch.optim.SGD(net.parameters(), lr=0.0))
     x = torch.randn(8, 4) * 50
     loss = (net(x) ** 2).sum()
@@ -222,7 +223,7 @@ def test_crossmatch_recipes():
 # DDP with batch norm: the same mix-source collectives on every rank
 # ----------------------------------------------------------------------------------------------
 def _bn_unet(norm: str):
-    from test_crossmatch import build, config_manager  # noqa: F401  (tiny nnU-Net networks)
+    from test_crossmatch import config_manager  # tiny nnU-Net networks
     cmgr = config_manager(2, False)
     cmgr.configuration["architecture"]["arch_kwargs"]["norm_op"] = norm
     torch.manual_seed(0)

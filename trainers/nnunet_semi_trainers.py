@@ -7,3 +7,6 @@ from nnunet_semi.methods.crossmatch import (CrossMatchTrainer, CrossMatchTrainer
 from nnunet_semi.methods.mean_teacher import (MeanTeacherTrainer, MeanTeacherTrainer_confCE,  # noqa: F401
                                               MeanTeacherTrainer_exportTeacher, MeanTeacherTrainer_released)
 from nnunet_semi.methods.supervised import SupervisedBaselineTrainer  # noqa: F401
+from nnunet_semi.methods.reciprocal_learning import (ReciprocalLearningTrainer,  # noqa: F401
+                                                     ReciprocalLearningTrainer_exportTeacher,
+                                                     ReciprocalLearningTrainer_released)

@@ -1,7 +1,11 @@
 """The semi-supervised base trainer: nnU-Net's trainer plus an unlabeled stream.
 
-A method is a small subclass that sets class attributes and implements one hook,
-:meth:`SemiSupervisedTrainer.compute_loss`. The base provides everything methods share:
+A method is a small subclass that sets class attributes and implements hooks: :meth:`compute_loss`
+(one loss, one optimizer step: the default :meth:`method_step`), or :meth:`method_step` itself for methods
+that step several optimizers (with :meth:`backward`, :meth:`step_optimizer` and one
+:meth:`update_grad_scaler` per iteration); :meth:`build_auxiliary_modules` for extra networks or decoders
+(:mod:`nnunet_semi.training.auxiliary`); :meth:`export_module` for what nnUNetv2_predict loads. The base
+provides everything methods share:
 
 - the unlabeled loader (own worker processes, distinct seeds per worker and DDP rank) giving a weak
   view with nnU-Net's geometry and ``num_strong_views`` strong, pixel-aligned views
@@ -12,13 +16,17 @@ A method is a small subclass that sets class attributes and implements one hook,
   ``warmup_iters`` iterations and, if ``warmup_pseudo_dice`` is set, until nnU-Net's EMA pseudo Dice
   reaches it), then a ramp-up over ``rampup_iters`` iterations (or ``rampup_fraction`` of the run); the
   step at which the gate opened is checkpoint state, so ``--c`` continues the same schedule;
-- an optional EMA teacher (``use_ema_teacher``), updated identically on every rank from the
-  DDP-synchronised student, validated/exported instead of the student if ``export_network='teacher'``;
+- named auxiliary modules (moved to the device, DDP-wrapped when trainable, train/eval modes, their LR
+  schedules, EMA of one or several sources updated identically on every rank from DDP-synchronised
+  weights, saved and restored by ``--c``); ``use_ema_teacher`` declares Mean Teacher's one, ``'teacher'``;
+- the exported network (``export_network``: ``'student'`` or the name of an auxiliary module), used by
+  nnU-Net's validation and written as ``network_weights``;
 - AMP, gradient clipping and the optimiser step as nnU-Net does them, with the gradient norm before
   clipping and the fraction of clipped steps logged (``grad_norm``, ``clip_ratio``);
 - per-epoch logging of every term ``compute_loss`` returns, drawn as a fourth panel of progress.png;
-- checkpoints written atomically, with the extra state (teacher, student when the teacher is
-  exported, RNG states, method state) under the key ``'nnunet_semi'``, restored by ``--c``/``--val``.
+- checkpoints written atomically, with the extra state (auxiliary modules with their optimizers and
+  schedules, the student when another module is exported, RNG states, method state) under the key
+  ``'nnunet_semi'``, restored by ``--c``/``--val``.
 
 ``self.network`` stays the architecture of ``build_network_architecture``, so stock
 ``nnUNetv2_predict`` loads the exported weights. Hyper-parameters are class attributes; a variant is
@@ -31,7 +39,7 @@ import os
 import random
 import time
 from contextlib import contextmanager
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -44,9 +52,11 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnunet_semi.data.loader import UnlabeledBatch, build_unlabeled_augmenter, locate_unlabeled, split_over_ranks
 from nnunet_semi.data.views import MultiViewTransform, split_views, strong_view_transform, weak_view_transform
-from nnunet_semi.ema import copy_weights, ema_decay_at, ema_update, unwrap
+from nnunet_semi.ema import copy_weights, ema_decay_at, unwrap
 from nnunet_semi.env import ext_trainer_configured, missing_trainer_message
 from nnunet_semi.schedules import ramp
+from nnunet_semi.training.auxiliary import (AuxiliaryModule, ema_update_from, load_module_state, module_state,
+                                            resolve)
 from nnunet_semi.training.budget import apply_schedule_overrides
 from nnunet_semi.training.plugin import PluginTrainerMixin
 from nnunet_semi.training.progress import SemiLocalLogger
@@ -131,7 +141,7 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
     # ---- EMA teacher ------------------------------------------------------------------------
     use_ema_teacher: bool = False
     ema_decay: float = 0.99
-    #: which weights nnUNetv2_predict and nnU-Net's validation use: 'student' or 'teacher'
+    #: which weights nnUNetv2_predict and nnU-Net's validation use: 'student' or an auxiliary module's name
     export_network: str = "student"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -140,11 +150,9 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         self.logger.local_logger = SemiLocalLogger(self.logger.local_logger.verbose)
         if self.labeled_batch_size is not None:
             self.configuration_manager.configuration["batch_size"] = int(self.labeled_batch_size)
-        if self.export_network not in ("student", "teacher"):
-            raise ValueError(f"{type(self).__name__}.export_network must be 'student' or 'teacher'")
-        if self.export_network == "teacher" and not self.use_ema_teacher:
-            raise ValueError(f"{type(self).__name__} exports the teacher but has use_ema_teacher = False")
-        self.teacher: Optional[nn.Module] = None
+        #: the method's auxiliary modules by name (built in initialize)
+        self.aux: Dict[str, AuxiliaryModule] = {}
+        self._grad_norms: Dict[str, torch.Tensor] = {}
         self.dataloader_unlabeled = None
         self.unlabeled_identifiers: List[str] = []
         self.batch_size_unlabeled: Optional[int] = None
@@ -172,17 +180,64 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         world, rank = (dist.get_world_size(), dist.get_rank()) if self.is_ddp else (1, 0)
         global_u = self.unlabeled_batch_size or self.configuration_manager.batch_size
         self.batch_size_unlabeled = split_over_ranks(int(global_u), world, rank)
-        if self.use_ema_teacher:
-            self.teacher = self.build_network_architecture(
-                self.plans_manager, self.configuration_manager, self.num_input_channels,
-                self.label_manager.num_segmentation_heads, self.enable_deep_supervision).to(self.device)
-            copy_weights(self.teacher, self.network)
-            self.teacher.requires_grad_(False)
-            self.teacher.eval()
-            self._set_ds(self.teacher, False)
+        self.aux = dict(self.build_auxiliary_modules())
+        self.setup_auxiliary_modules()
+        if self.export_network != "student" and self.export_network not in self.aux:
+            raise ValueError(f"{type(self).__name__}.export_network = {self.export_network!r}: no such auxiliary "
+                             f"module (use 'student' or one of {sorted(self.aux)})")
         self.print_to_log_file(f"nnunet_semi: labeled batch {self.batch_size}, unlabeled batch "
                                f"{self.batch_size_unlabeled} x {self.unlabeled_batches_per_step} per step and rank; "
                                f"hyper-parameters {self.semi_hparams()}")
+
+    # ------------------------------------------------------------------------------------------
+    # auxiliary modules
+    # ------------------------------------------------------------------------------------------
+    def build_plain_network(self) -> nn.Module:
+        """A new network of ``build_network_architecture`` for these plans (on the device)."""
+        return self.build_network_architecture(
+            self.plans_manager, self.configuration_manager, self.num_input_channels,
+            self.label_manager.num_segmentation_heads, self.enable_deep_supervision).to(self.device)
+
+    def build_auxiliary_modules(self) -> Dict[str, AuxiliaryModule]:
+        """The method's extra networks or decoders. Default: with ``use_ema_teacher``, ``'teacher'``, an EMA
+        of the student (a copy of its initial weights, no gradients, deep supervision off)."""
+        if not self.use_ema_teacher:
+            return {}
+        teacher = self.build_plain_network()
+        copy_weights(teacher, self.network)
+        teacher.requires_grad_(False)
+        self._set_ds(teacher, False)
+        return {"teacher": AuxiliaryModule(teacher, ema_sources=("network",), ema_decay=self.ema_decay)}
+
+    def setup_auxiliary_modules(self) -> None:
+        """Device, gradients, modes and (for the trainable ones under DDP) nnU-Net's DDP wrapping, as
+        nnU-Net does it for ``self.network`` (SyncBatchNorm, ``device_ids`` on CUDA)."""
+        for name, a in self.aux.items():
+            a.module.to(self.device)
+            if not a.trainable:
+                a.module.requires_grad_(False)
+            for src in a.ema_sources:
+                resolve(src, self.network, self.aux)   # a wrong name fails here, not at the first step
+            if a.trainable and self.is_ddp:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+                a.module = nn.SyncBatchNorm.convert_sync_batchnorm(a.module)
+                a.wrapped = DDP(a.module, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+            else:
+                a.wrapped = a.module
+            a.module.train(a.wants_train_mode)
+
+    @property
+    def teacher(self) -> Optional[nn.Module]:
+        """Mean Teacher's EMA teacher (the auxiliary module ``'teacher'``), or None."""
+        a = self.__dict__.get("aux", {}).get("teacher")
+        return a.module if a is not None else None
+
+    def update_ema_modules(self) -> None:
+        """EMA step of every auxiliary module with sources, from their current (DDP-synchronised) weights."""
+        for a in self.aux.values():
+            if a.ema_sources:
+                decay = ema_decay_at(self.global_step, a.ema_decay) if a.ema_warmup else a.ema_decay
+                ema_update_from(a.module, [resolve(s, self.network, self.aux) for s in a.ema_sources], decay)
 
     @staticmethod
     def _set_ds(module: nn.Module, enabled: bool) -> None:
@@ -309,23 +364,56 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
     def trainable_parameters(self):
         return self.network.parameters()
 
-    def optimizer_step(self, loss: torch.Tensor) -> None:
-        """Backward, unscale, clip the gradient norm to ``grad_clip`` (nnU-Net's 12) and step, as nnU-Net
-        does. The norm before clipping is kept (a tensor, no sync) for the step's logged terms."""
+    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+        """``loss.backward()``, through nnU-Net's grad scaler when there is one (CUDA AMP)."""
+        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward(**kwargs)
+
+    def step_optimizer(self, optimizer: torch.optim.Optimizer, parameters, clip: Optional[float] = None,
+                       name: str = "network") -> torch.Tensor:
+        """Unscale (AMP), clip the gradient norm to ``clip`` (default ``grad_clip``, nnU-Net's 12) and step one
+        optimizer, as nnU-Net does. The norm before clipping is kept (a tensor, no sync) and logged as
+        ``grad_norm`` (``grad_norm_<name>`` for another optimizer than the network's). Call
+        :meth:`update_grad_scaler` once per iteration after the last optimizer step."""
+        parameters = list(parameters)
+        clip = self.grad_clip if clip is None else clip
         if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.grad_clip)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
+            self.grad_scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip is not None else float("inf"))
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(optimizer)
         else:
-            loss.backward()
-            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.grad_clip)
-            self.optimizer.step()
+            optimizer.step()
+        self._grad_norms[name] = norm
+        return norm
+
+    def update_grad_scaler(self) -> None:
+        if self.grad_scaler is not None:
+            self.grad_scaler.update()
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """Backward, then :meth:`step_optimizer` of nnU-Net's optimizer and the scaler update (one loss, one
+        optimizer: what the default :meth:`method_step` does)."""
+        self.backward(loss)
+        self.step_optimizer(self.optimizer, self.trainable_parameters())
+        self.update_grad_scaler()
+
+    @property
+    def _grad_norm(self) -> Optional[torch.Tensor]:
+        return self._grad_norms.get("network")
+
+    def method_step(self, data: torch.Tensor, target: Union[torch.Tensor, List[torch.Tensor]],
+                    unlabeled: List[UnlabeledBatch]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """One training iteration of the method, optimizer steps included; returns the loss to report as
+        nnU-Net's train loss and the terms to log. Default: :meth:`compute_loss` under autocast, then
+        :meth:`optimizer_step`. A method with several optimizers overrides this."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss, terms = self.compute_loss(data, target, unlabeled)
+        self.optimizer_step(loss)
+        return loss, terms
 
     def after_optimizer_step(self) -> None:
-        if self.teacher is not None:
-            ema_update(self.teacher, self.network, ema_decay_at(self.global_step, self.ema_decay))
+        self.update_ema_modules()
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -334,20 +422,27 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
             else target.to(self.device, non_blocking=True)
         unlabeled = [self.next_unlabeled() for _ in range(self.unlabeled_batches_per_step)]
         self.update_unsup_gate()
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            loss, terms = self.compute_loss(data, target, unlabeled)
-        self._grad_norm = None
-        self.optimizer_step(loss)
+        self._grad_norms = {}
+        loss, terms = self.method_step(data, target, unlabeled)
         self.after_optimizer_step()
         out = {"loss": loss.detach().cpu().numpy(), "unsup_weight_factor": self.rampup_factor()}
-        if self._grad_norm is not None:  # a non-finite norm (AMP overflow step) is logged as NaN, not as clipped
-            norm = self._grad_norm.detach().float()
-            finite = torch.isfinite(norm)
-            terms = {**terms, "grad_norm": torch.where(finite, norm, torch.nan),
-                     "clip_ratio": torch.where(finite, (norm > self.grad_clip).float(), torch.nan)}
+        terms = {**terms, **self._grad_norm_terms()}
         out.update(self._terms_to_floats(terms))
         self._iter_in_epoch += 1
+        return out
+
+    def _grad_norm_terms(self) -> Dict[str, torch.Tensor]:
+        """grad_norm / clip_ratio per optimizer stepped this iteration; a non-finite norm (an AMP overflow
+        step) is logged as NaN, not as clipped."""
+        out = {}
+        for name, norm in self._grad_norms.items():
+            suffix = "" if name == "network" else f"_{name}"
+            clip = self.grad_clip if name == "network" else self.aux[name].grad_clip
+            norm = norm.detach().float()
+            finite = torch.isfinite(norm)
+            out["grad_norm" + suffix] = torch.where(finite, norm, torch.nan)
+            if clip is not None:
+                out["clip_ratio" + suffix] = torch.where(finite, (norm > clip).float(), torch.nan)
         return out
 
     def _terms_to_floats(self, terms: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -367,14 +462,21 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         super().on_train_epoch_start()
         self._iter_in_epoch = 0
         self._unlabeled_wait = 0.0
-        if self.teacher is not None:
-            self.teacher.eval()
+        for name, a in self.aux.items():
+            a.module.train(a.wants_train_mode)
+            if a.lr_scheduler is not None:
+                a.lr_scheduler.step(self.current_epoch)
+                if a.optimizer is not None:
+                    self.print_to_log_file(f"nnunet_semi: {name} learning rate "
+                                           f"{a.optimizer.param_groups[0]['lr']:.5f}")
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)
-        keys = [k for k in train_outputs[0] if k not in NNUNET_LOGGED] if train_outputs else []
+        # the union of the iterations' terms (a method may log different terms in different phases)
+        keys = list(dict.fromkeys(k for o in train_outputs for k in o if k not in NNUNET_LOGGED))
         for k in keys:
-            value = float(np.nanmean([float(o[k]) for o in train_outputs]))
+            values = [float(o[k]) for o in train_outputs if k in o]
+            value = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
             if self.is_ddp:
                 gathered = [None] * dist.get_world_size()
                 dist.all_gather_object(gathered, value)
@@ -398,22 +500,35 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
     # ------------------------------------------------------------------------------------------
     # validation and export with the chosen network
     # ------------------------------------------------------------------------------------------
+    def export_module(self) -> nn.Module:
+        """The network whose weights become ``network_weights`` (what stock nnUNetv2_predict loads, so it
+        must be the architecture of ``build_network_architecture``) and that nnU-Net's validation uses:
+        the student, or the auxiliary module named by ``export_network``. A method that exports a composed
+        network overrides this."""
+        if self.export_network == "student" or self.export_network not in self.aux:
+            return unwrap(self.network)
+        return self.aux[self.export_network].module
+
     @contextmanager
     def exported_network(self):
-        """Temporarily make ``self.network`` the network that is exported (teacher or student)."""
-        if self.export_network != "teacher" or self.teacher is None:
+        """Temporarily make ``self.network`` the network that is exported."""
+        exported = self.export_module()
+        if exported is unwrap(self.network):
             yield
             return
         student = self.network
-        self.network = self.teacher
+        was_training = exported.training
         ds = unwrap(student).decoder.deep_supervision if hasattr(unwrap(student), "decoder") else False
-        self._set_ds(self.teacher, ds)
+        old_ds = exported.decoder.deep_supervision if hasattr(exported, "decoder") else None
+        self.network = exported
+        self._set_ds(exported, ds)
         try:
             yield
         finally:
             self.network = student
-            self._set_ds(self.teacher, False)
-            self.teacher.eval()
+            if old_ds is not None:
+                self._set_ds(exported, old_ds)
+            exported.train(was_training)
 
     def validation_step(self, batch: dict) -> dict:
         with self.exported_network():
@@ -428,22 +543,27 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
     # ------------------------------------------------------------------------------------------
     def semi_state_dict(self) -> dict:
         """Extra checkpoint state (tensors, dicts and primitives only). Methods extend it."""
-        state = {"format": 1, "export_network": self.export_network, "rng": rng_state(),
-                 "hparams": self.semi_hparams(), "unsup_gate_step": self.unsup_gate_step}
-        if self.teacher is not None:
-            state["teacher_weights"] = self.teacher.state_dict()
-            if self.export_network == "teacher":
-                state["student_weights"] = unwrap(self.network).state_dict()
+        state = {"format": 2, "export_network": self.export_network, "rng": rng_state(),
+                 "hparams": self.semi_hparams(), "unsup_gate_step": self.unsup_gate_step,
+                 "aux": {name: module_state(a) for name, a in self.aux.items()}}
+        if self.export_module() is not unwrap(self.network):
+            state["student_weights"] = unwrap(self.network).state_dict()
         return state
 
     def load_semi_state_dict(self, state: dict) -> None:
         if state.get("student_weights") is not None:
             unwrap(self.network).load_state_dict(state["student_weights"])
-        if self.teacher is not None:
-            if state.get("teacher_weights") is not None:
-                self.teacher.load_state_dict(state["teacher_weights"])
+        saved = dict(state.get("aux") or {})
+        if state.get("teacher_weights") is not None and "teacher" not in saved:   # format 1 (plugin 0.1)
+            saved["teacher"] = {"weights": state["teacher_weights"]}
+        for name, a in self.aux.items():
+            if name in saved:
+                load_module_state(a, saved[name], name)
+            elif a.ema_sources == ("network",):
+                copy_weights(a.module, self.network)   # e.g. a supervised checkpoint: the teacher starts there
             else:
-                copy_weights(self.teacher, self.network)
+                self.print_to_log_file(f"nnunet_semi: the checkpoint holds no state of '{name}'; it keeps its "
+                                       f"initial weights")
         if state.get("rng") is not None:
             set_rng_state(state["rng"])
         # a checkpoint without the key predates the warm-up gate: its schedule started at step 0
@@ -455,10 +575,8 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         if self.disable_checkpointing:
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
-        student = unwrap(self.network)
-        exported = self.teacher if (self.export_network == "teacher" and self.teacher is not None) else student
         checkpoint = {
-            "network_weights": exported.state_dict(),
+            "network_weights": self.export_module().state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "logging": self.logger.get_checkpoint(),
@@ -479,6 +597,7 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None:
             self.print_to_log_file(f"{filename_or_checkpoint} holds no '{CHECKPOINT_KEY}' state (not written by a "
-                                   f"semi-supervised trainer): teacher and method state start from the student")
+                                   f"semi-supervised trainer): auxiliary modules and method state start from "
+                                   f"the student")
             state = {}
         self.load_semi_state_dict(state)

@@ -1,0 +1,284 @@
+"""Reciprocal Learning (code ``XYZach/RLSSS``): a teacher that learns from the student's feedback.
+
+Two networks of the plans' architecture: the student S (``self.network``, nnU-Net's optimizer and
+schedule, exported by default as the released code tests the student) and a trainable teacher T (the
+auxiliary module ``'teacher'`` with its own optimizer and schedule). Each iteration, on the labeled batch
+x_l and one unlabeled batch x_u (the same augmented view for both networks, as released):
+
+1. T predicts [x_l; x_u] (with gradient); its hard argmax on x_u is the pseudo-label y_hat (no gradient).
+2. Student step on the pseudo-labels: L(S(x_u), y_hat); its gradient g_u is kept (unscaled, fp32) and S
+   takes an optimizer step.
+3. Feedback: the updated student's labeled loss L(S'(x_l), y) gives g_l. S takes **no** step with it (the
+   student never trains on labels); its gradients are cleared.
+4. h = eta_S <g_u, g_l> (eta_S the student's current learning rate; a first-order Meta Pseudo Labels
+   approximation; 0 if the product is not finite).
+5. Teacher step on h * L(T(x_u), y_hat) + L(T(x_l), y).
+
+``loss``: ``'ce'`` is the released recipe (cross-entropy on the full-resolution output only; the other
+deep-supervision outputs enter with weight 0 so DDP sees every parameter used); ``'nnunet'`` uses nnU-Net's
+DC+CE with deep supervision for every term (pseudo-labels downsampled to each output by nearest
+neighbour). The default is ``'nnunet'``: it is the loss the supervised nnU-Net arm trains with; see
+benchmarks/RESULTS.md for what was measured.
+
+Teacher initialisation: the released code starts from a supervised model of the same labeled cases.
+Here either ``nnUNet_semi_teacher_checkpoint=<checkpoint_final.pth>`` of a SupervisedBaselineTrainer (or any
+nnU-Net trainer) run of the same dataset, plans and configuration (a checkpoint of other plans,
+configuration or architecture is refused with a message naming it), or, without it, a supervised warm-up
+inside the same run: for the first ``teacher_warmup_fraction`` of the iterations only the teacher trains, on
+the labeled batch; the student starts afterwards. ``--c`` restores both networks, their optimizers and
+schedules from the checkpoint (the teacher is never re-initialised).
+
+Optimisers: ``optimizer = 'nnunet'`` (default) gives both networks nnU-Net's SGD (momentum 0.99, Nesterov,
+poly schedule from ``initial_lr``); ``'released'`` the LA code's SGD (momentum 0.9, weight decay 1e-4, lr
+0.01 x 0.1 every 2500 iterations) for both.
+
+Per iteration: teacher forward/backward on B_l + B_u samples, student forward/backward on B_u and on B_l.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+from nnunet_semi.ema import unwrap
+from nnunet_semi.losses import pseudo_label
+from nnunet_semi.networks.feature_perturbation import full_resolution
+from nnunet_semi.training.auxiliary import AuxiliaryModule
+from nnunet_semi.training.base import SemiSupervisedTrainer
+
+TEACHER_CHECKPOINT_VAR = "nnUNet_semi_teacher_checkpoint"
+
+
+class IterationStepLR:
+    """lr = base_lr x gamma^floor(iteration / step_iters) with iteration = epoch x iterations per epoch;
+    stepped with the epoch like nnU-Net's PolyLRScheduler (the released code's step decay)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, iters_per_epoch: int,
+                 step_iters: int = 2500, gamma: float = 0.1):
+        self.optimizer, self.base_lr, self.iters_per_epoch = optimizer, base_lr, iters_per_epoch
+        self.step_iters, self.gamma = step_iters, gamma
+        self.step(0)
+
+    def lr_at(self, epoch: int) -> float:
+        return self.base_lr * self.gamma ** ((epoch * self.iters_per_epoch) // self.step_iters)
+
+    def step(self, epoch: int) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(epoch)
+
+    def state_dict(self) -> dict:
+        return {"base_lr": self.base_lr, "iters_per_epoch": self.iters_per_epoch, "step_iters": self.step_iters,
+                "gamma": self.gamma}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def ds_targets(outputs, label: torch.Tensor) -> List[torch.Tensor]:
+    """A hard label (B, *spatial) as nnU-Net's deep-supervision targets: (B, 1, *size) of every output,
+    downsampled by nearest neighbour."""
+    lab = label.unsqueeze(1).float()
+    return [lab if o.shape[2:] == lab.shape[2:] else F.interpolate(lab, size=o.shape[2:], mode="nearest")
+            for o in outputs]
+
+
+def flat_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """<a, b> over all tensors, in float32."""
+    return sum((x.float() * y.float()).sum() for x, y in zip(a, b))
+
+
+class ReciprocalLearningTrainer(SemiSupervisedTrainer):
+    num_strong_views = 0            # student and teacher see the same augmented unlabeled batch (released)
+    unlabeled_batches_per_step = 1
+    #: 'nnunet' (DC+CE with deep supervision for every term) or 'ce' (released: full-resolution CE only)
+    loss_recipe: str = "nnunet"
+    #: 'nnunet' (SGD 0.99 Nesterov, poly) or 'released' (SGD 0.9, wd 1e-4, lr 0.01 x 0.1 every 2500 iterations)
+    optimizer_recipe: str = "nnunet"
+    released_lr: float = 0.01
+    released_weight_decay: float = 1e-4
+    released_step_iters: int = 2500
+    #: fraction of the iterations in which only the teacher trains (supervised) when no teacher checkpoint
+    #: is given; 0 = the student starts at once from a random teacher
+    teacher_warmup_fraction: float = 0.2
+    #: gradient clipping of the teacher's steps (nnU-Net's 12; None: none, as released)
+    teacher_grad_clip: Optional[float] = 12.0
+    #: 'student' (released) or 'teacher'
+    export_network: str = "student"
+
+    def initialize(self):
+        if self.loss_recipe not in ("nnunet", "ce"):
+            raise ValueError(f"{type(self).__name__}.loss_recipe must be 'nnunet' or 'ce'")
+        if self.optimizer_recipe not in ("nnunet", "released"):
+            raise ValueError(f"{type(self).__name__}.optimizer_recipe must be 'nnunet' or 'released'")
+        self.teacher_pretrained = False
+        super().initialize()
+        self.print_to_log_file(
+            f"Reciprocal Learning: loss {self.loss_recipe}, optimizers {self.optimizer_recipe}, teacher "
+            + ("from " + os.environ[TEACHER_CHECKPOINT_VAR] if self.teacher_pretrained else
+               f"trained alone for the first {self.teacher_warmup_iters()} iterations"))
+
+    # ---- optimisers -----------------------------------------------------------------------------
+    def make_optimizer(self, module: nn.Module):
+        if self.optimizer_recipe == "released":
+            opt = torch.optim.SGD(module.parameters(), self.released_lr, momentum=0.9,
+                                  weight_decay=self.released_weight_decay)
+            return opt, IterationStepLR(opt, self.released_lr, self.num_iterations_per_epoch,
+                                        self.released_step_iters)
+        opt = torch.optim.SGD(module.parameters(), self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                              nesterov=True)
+        return opt, PolyLRScheduler(opt, self.initial_lr, self.num_epochs)
+
+    def configure_optimizers(self):
+        return self.make_optimizer(self.network)
+
+    def build_auxiliary_modules(self) -> Dict[str, AuxiliaryModule]:
+        teacher = self.build_plain_network()
+        path = os.environ.get(TEACHER_CHECKPOINT_VAR, "").strip()
+        if path:
+            load_teacher_checkpoint(teacher, path, self.plans_manager.plans_name, self.configuration_name,
+                                    self.plans_manager.dataset_name, self.device)
+            self.teacher_pretrained = True
+        opt, sched = self.make_optimizer(teacher)
+        return {"teacher": AuxiliaryModule(teacher, trainable=True, optimizer=opt, lr_scheduler=sched,
+                                           grad_clip=self.teacher_grad_clip)}
+
+    def teacher_warmup_iters(self) -> int:
+        return 0 if self.teacher_pretrained else int(round(self.teacher_warmup_fraction * self.total_steps))
+
+    # ---- losses ---------------------------------------------------------------------------------
+    def sup_loss(self, out, target) -> torch.Tensor:
+        """A labeled loss: nnU-Net's (DC+CE, deep supervision), or CE on the full-resolution output."""
+        if self.loss_recipe == "nnunet":
+            return self.loss(out, target)
+        full_target = target[0] if isinstance(target, (list, tuple)) else target
+        return self._ce_full(out, full_target[:, 0].long())
+
+    def pl_loss(self, out, label: torch.Tensor) -> torch.Tensor:
+        """A pseudo-label loss of the same recipe (hard label, no gradient through it)."""
+        if self.loss_recipe == "nnunet":
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            targets = ds_targets(outs, label)
+            return self.loss(out, targets if isinstance(out, (list, tuple)) else targets[0])
+        return self._ce_full(out, label)
+
+    @staticmethod
+    def _ce_full(out, label: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(full_resolution(out).float(), label.long())
+        if isinstance(out, (list, tuple)):  # weight 0 on the other outputs: DDP sees every parameter used
+            ce = ce + 0.0 * sum(o.float().sum() for o in out[1:])
+        return ce
+
+    # ---- the step -------------------------------------------------------------------------------
+    def _unscaled_grads(self, params: Sequence[nn.Parameter]) -> List[torch.Tensor]:
+        scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+        return [p.grad.detach().float() / scale if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+                for p in params]
+
+    def method_step(self, data, target, unlabeled):
+        x_u = unlabeled[0].weak
+        teacher = self.aux["teacher"]
+        opt_s, opt_t = self.optimizer, teacher.optimizer
+        bl = data.shape[0]
+        opt_t.zero_grad(set_to_none=True)
+        if self.global_step < self.teacher_warmup_iters():   # supervised warm-up of the teacher alone
+            with self.autocast():
+                loss_t = self.sup_loss(teacher.wrapped(data), target)
+            self.backward(loss_t)
+            self.step_optimizer(opt_t, teacher.module.parameters(), teacher.grad_clip, name="teacher")
+            self.update_grad_scaler()
+            return loss_t, {"loss_teacher_sup": loss_t.detach()}
+
+        with self.autocast():
+            t_out = teacher.wrapped(torch.cat((data, x_u)))
+        t_l, t_u = split_batch(t_out, bl)
+        y_hat, conf = pseudo_label(full_resolution(t_u))
+
+        # 2. the student's step on the teacher's pseudo-labels; g_u kept (unscaled, fp32)
+        params_s = [p for p in self.network.parameters() if p.requires_grad]
+        opt_s.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss_su = self.pl_loss(self.network(x_u), y_hat)
+        self.backward(loss_su)
+        g_u = self._unscaled_grads(params_s)
+        self.step_optimizer(opt_s, params_s, name="network")
+        lr_s = opt_s.param_groups[0]["lr"]
+
+        # 3. feedback of the updated student on the labeled batch: gradient only, no step
+        opt_s.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss_sl = self.sup_loss(self.network(data), target)
+        self.backward(loss_sl)
+        g_l = self._unscaled_grads(params_s)
+        opt_s.zero_grad(set_to_none=True)
+
+        # 4. h = eta_S <g_u, g_l>
+        h = lr_s * flat_dot(g_u, g_l)
+        h = torch.where(torch.isfinite(h), h, torch.zeros_like(h)).detach()
+
+        # 5. the teacher's step
+        with self.autocast():
+            loss_tu = self.pl_loss(t_u, y_hat)
+            loss_tl = self.sup_loss(t_l, target)
+            loss_t = h * loss_tu + loss_tl
+        self.backward(loss_t)
+        self.step_optimizer(opt_t, teacher.module.parameters(), teacher.grad_clip, name="teacher")
+        self.update_grad_scaler()
+        return loss_sl.detach(), {"loss_student_pl": loss_su.detach(), "loss_student_feedback": loss_sl.detach(),
+                                  "loss_teacher_pl": loss_tu.detach(), "loss_teacher_sup": loss_tl.detach(),
+                                  "feedback_h": h, "pl_confidence": conf.mean().detach()}
+
+    # ---- checkpoint -----------------------------------------------------------------------------
+    def semi_state_dict(self) -> dict:
+        return {**super().semi_state_dict(), "teacher_pretrained": self.teacher_pretrained}
+
+    def load_semi_state_dict(self, state: dict) -> None:
+        super().load_semi_state_dict(state)
+        self.teacher_pretrained = bool(state.get("teacher_pretrained", self.teacher_pretrained))
+
+
+def split_batch(out, n: int):
+    """(first n samples, the rest) of a network output (a deep-supervision list or a tensor)."""
+    if isinstance(out, (list, tuple)):
+        return [o[:n] for o in out], [o[n:] for o in out]
+    return out[:n], out[n:]
+
+
+def load_teacher_checkpoint(teacher: nn.Module, path: str, plans_name: str, configuration: str, dataset_name: str,
+                            device: torch.device) -> None:
+    """Load an nnU-Net ``checkpoint_final.pth`` into ``teacher``, refusing one of other plans, configuration,
+    dataset or architecture with a message that names the file and the fix."""
+    fix = (f"train the teacher with: nnUNetv2_train {dataset_name} {configuration} all -tr SupervisedBaselineTrainer "
+           f"-p {plans_name}, or unset {TEACHER_CHECKPOINT_VAR} to warm the teacher up inside this run")
+    if not os.path.isfile(path):
+        raise RuntimeError(f"{TEACHER_CHECKPOINT_VAR}={path}: no such file; {fix}")
+    ck = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(ck, dict) or "network_weights" not in ck:
+        raise RuntimeError(f"{path} is not an nnU-Net checkpoint (no 'network_weights'); {fix}")
+    init = ck.get("init_args") or {}
+    plans = init.get("plans") or {}
+    found = (plans.get("plans_name"), init.get("configuration"), plans.get("dataset_name"))
+    if found != (plans_name, configuration, dataset_name):
+        raise RuntimeError(f"{path} was trained with plans {found[0]}, configuration {found[1]} on {found[2]}; this "
+                           f"run uses plans {plans_name}, configuration {configuration} on {dataset_name}. {fix}")
+    try:
+        unwrap(teacher).load_state_dict(ck["network_weights"])
+    except RuntimeError as e:
+        raise RuntimeError(f"{path}: its network does not match this run's architecture ({str(e)[:300]}). {fix}") \
+            from None
+
+
+class ReciprocalLearningTrainer_released(ReciprocalLearningTrainer):
+    """The released LA recipe: CE only, SGD 0.9 with step decay for both networks, no gradient clipping of
+    the teacher (the student keeps nnU-Net's clipping at 12)."""
+    loss_recipe = "ce"
+    optimizer_recipe = "released"
+    teacher_grad_clip = None
+
+
+class ReciprocalLearningTrainer_exportTeacher(ReciprocalLearningTrainer):
+    export_network = "teacher"

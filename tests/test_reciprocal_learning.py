@@ -1,0 +1,222 @@
+"""ReciprocalLearningTrainer on tiny nnU-Net networks (CPU): the feedback coefficient and the teacher's
+gradient against independent autograd computations, no student step on labeled data, no gradient from the
+student's loss into the teacher, auxiliary state round trips, refused teacher checkpoints, and a two-rank
+gloo DDP run whose networks stay bit-identical across ranks."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nnunet_semi.data.loader import UnlabeledBatch
+from nnunet_semi.losses import pseudo_label
+from nnunet_semi.methods import reciprocal_learning as rl
+from nnunet_semi.methods.reciprocal_learning import (ReciprocalLearningTrainer, ReciprocalLearningTrainer_released,
+                                                     load_teacher_checkpoint)
+from nnunet_semi.training.auxiliary import AuxiliaryModule
+from test_crossmatch import config_manager, ds_targets, nnunet_loss
+
+NUM_CLASSES = 3
+
+
+def tiny_net(seed: int, ds: bool = True):
+    torch.manual_seed(seed)
+    return ReciprocalLearningTrainer.build_network_architecture(None, config_manager(2, False), 1, NUM_CLASSES, ds)
+
+
+def stub(cls=ReciprocalLearningTrainer, lr: float = 0.01, ddp: bool = False, **attrs):
+    """A trainer with only what method_step needs: student, teacher (auxiliary module), both optimizers."""
+    tr = cls.__new__(cls)
+    tr.device, tr.grad_scaler, tr.is_ddp, tr.local_rank = torch.device("cpu"), None, ddp, 0
+    tr.current_epoch, tr._iter_in_epoch, tr.num_epochs, tr.num_iterations_per_epoch = 0, 0, 10, 10
+    tr.enable_deep_supervision, tr.teacher_pretrained, tr._grad_norms = True, True, {}
+    tr.unsup_gate_step, tr.print_to_log_file = 0, (lambda *a, **k: None)
+    tr.initial_lr, tr.weight_decay = lr, 3e-5
+    for k, v in attrs.items():
+        setattr(tr, k, v)
+    tr.network = tiny_net(0)
+    teacher = tiny_net(1)
+    tr.optimizer, tr.lr_scheduler = tr.make_optimizer(tr.network)
+    opt_t, sched_t = tr.make_optimizer(teacher)
+    tr.aux = {"teacher": AuxiliaryModule(teacher, trainable=True, optimizer=opt_t, lr_scheduler=sched_t,
+                                         grad_clip=tr.teacher_grad_clip)}
+    with torch.no_grad():
+        n_out = len(tr.network(torch.zeros(1, 1, 16, 16)))
+    tr.loss = nnunet_loss(n_out, ddp)
+    return tr
+
+
+def batch(seed: int, b: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn(b, 1, 16, 16, generator=g)
+    target = torch.randint(0, NUM_CLASSES, (b, 1, 16, 16), generator=g).float()
+    x_u = torch.randn(b, 1, 16, 16, generator=g)
+    u = UnlabeledBatch(weak=x_u, strong=[], valid=torch.ones(b, 16, 16, dtype=torch.bool), keys=["u0", "u1"][:b])
+    return data, target, u
+
+
+def reference(tr, s0, t0, data, target, x_u):
+    """The update rule computed independently with plain autograd on flattened gradients."""
+    tgt = ds_targets(s0(data), target)
+    t_out = t0(torch.cat((data, x_u)))
+    t_l, t_u = rl.split_batch(t_out, data.shape[0])
+    y_hat, _ = pseudo_label(t_u[0])
+    s_params = list(s0.parameters())
+    g_u = torch.autograd.grad(tr.pl_loss(s0(x_u), y_hat), s_params, allow_unused=True)
+    g_u = [torch.zeros_like(p) if g is None else g for g, p in zip(g_u, s_params)]
+    s1 = copy.deepcopy(s0)
+    opt, _ = tr.make_optimizer(s1)
+    for p, g in zip(s1.parameters(), g_u):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(list(s1.parameters()), tr.grad_clip)
+    opt.step()
+    g_l = torch.autograd.grad(tr.sup_loss(s1(data), tgt), list(s1.parameters()), allow_unused=True)
+    g_l = [torch.zeros_like(p) if g is None else g for g, p in zip(g_l, s1.parameters())]
+    flat_u = torch.cat([g.flatten() for g in g_u])
+    flat_l = torch.cat([g.flatten() for g in g_l])
+    h = tr.optimizer.param_groups[0]["lr"] * torch.dot(flat_u, flat_l)
+    g_t = torch.autograd.grad(h.detach() * tr.pl_loss(t_u, y_hat) + tr.sup_loss(t_l, tgt), list(t0.parameters()),
+                              allow_unused=True)
+    return s1, h, g_t, tgt
+
+
+@pytest.mark.parametrize("cls", [ReciprocalLearningTrainer, ReciprocalLearningTrainer_released])
+def test_feedback_and_teacher_gradient_match_an_independent_computation(cls):
+    tr = stub(cls, teacher_grad_clip=None)   # unclipped, so the teacher's .grad is the raw composed gradient
+    tr.aux["teacher"].grad_clip = None
+    data, target, u = batch(0)
+    s0, t0 = copy.deepcopy(tr.network), copy.deepcopy(tr.aux["teacher"].module)
+    s1, h_ref, g_t_ref, tgt = reference(tr, s0, t0, data, target, u.weak)
+    # the teacher's gradient accumulates exactly once per parameter: the student's losses never reach it
+    counts = {}
+    for n, p in tr.aux["teacher"].module.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, n=n: counts.__setitem__(n, counts.get(n, 0) + 1))
+    loss, terms = tr.method_step(data, tgt, [u])
+    got_grad = [n for n, p in tr.aux["teacher"].module.named_parameters() if p.grad is not None]
+    assert set(counts.values()) == {1} and sorted(counts) == sorted(got_grad)
+    assert abs(h_ref.item()) > 0
+    assert terms["feedback_h"].item() == pytest.approx(h_ref.item(), rel=1e-4, abs=1e-10)
+    for (n, p), g in zip(tr.aux["teacher"].module.named_parameters(), g_t_ref):
+        ref = torch.zeros_like(p) if g is None else g
+        got = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6, msg=n)
+    # the student took exactly one step, on the pseudo-labels: never on the labeled batch
+    for (n, p), q in zip(tr.network.named_parameters(), s1.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    assert all(p.grad is None for p in tr.network.parameters())   # feedback gradients were cleared
+    assert loss.item() == pytest.approx(terms["loss_student_feedback"].item())
+
+
+def test_every_teacher_parameter_gets_a_gradient_and_the_step_is_finite():
+    for cls in (ReciprocalLearningTrainer, ReciprocalLearningTrainer_released):
+        tr = stub(cls)
+        data, target, u = batch(1)
+        tgt = ds_targets(tr.network(data), target)
+        loss, terms = tr.method_step(data, tgt, [u])
+        assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in terms.values())
+        # (without DDP nnU-Net's deep-supervision weights leave the lowest head at weight 0, as in nnU-Net)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all()
+                   for n, p in tr.aux["teacher"].module.named_parameters() if not n.startswith("decoder.seg_layers.0."))
+        assert set(tr._grad_norms) == {"network", "teacher"}
+
+
+def test_teacher_warmup_trains_the_teacher_alone():
+    tr = stub(teacher_pretrained=False, teacher_warmup_fraction=0.5)
+    assert tr.teacher_warmup_iters() == 50
+    data, target, u = batch(2)
+    tgt = ds_targets(tr.network(data), target)
+    s0 = copy.deepcopy(tr.network.state_dict())
+    t0 = copy.deepcopy(tr.aux["teacher"].module.state_dict())
+    loss, terms = tr.method_step(data, tgt, [u])
+    assert set(terms) == {"loss_teacher_sup"}
+    assert all(torch.equal(v, s0[k]) for k, v in tr.network.state_dict().items())
+    assert any(not torch.equal(v, t0[k]) for k, v in tr.aux["teacher"].module.state_dict().items())
+    tr.current_epoch = 5                                       # step 50: the reciprocal phase
+    _, terms = tr.method_step(data, tgt, [u])
+    assert "feedback_h" in terms
+
+
+def test_auxiliary_state_round_trips(tmp_path):
+    tr = stub()
+    data, target, u = batch(3)
+    tgt = ds_targets(tr.network(data), target)
+    for _ in range(2):
+        tr.method_step(data, tgt, [u])
+    tr.export_network, tr.teacher_pretrained = "student", False
+    tr.semi_hparams = lambda: {}
+    path = str(tmp_path / "state.pth")
+    torch.save(tr.semi_state_dict(), path)
+    fresh = stub()
+    fresh.load_semi_state_dict(torch.load(path, weights_only=False))
+    a, b = tr.aux["teacher"], fresh.aux["teacher"]
+    assert all(torch.equal(v, b.module.state_dict()[k]) for k, v in a.module.state_dict().items())
+    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"] and len(sa["state"]) == len(sb["state"]) > 0
+    assert all(torch.equal(sa["state"][i]["momentum_buffer"], sb["state"][i]["momentum_buffer"]) for i in sa["state"])
+    assert a.lr_scheduler.state_dict() == b.lr_scheduler.state_dict()
+    assert fresh.teacher_pretrained is False
+    # the released optimiser's step schedule round-trips too and decays as released
+    rel = stub(ReciprocalLearningTrainer_released)
+    sched = rel.aux["teacher"].lr_scheduler
+    rel.num_iterations_per_epoch = 250
+    sched.iters_per_epoch = 250
+    assert [sched.lr_at(e) for e in (0, 9, 10, 20)] == pytest.approx([0.01, 0.01, 0.001, 0.0001])
+
+
+def test_wrong_teacher_checkpoints_are_refused(tmp_path):
+    teacher = tiny_net(3)
+    plans = {"plans_name": "nnUNetPlans", "dataset_name": "Dataset104_Hippocampus"}
+    good = {"network_weights": tiny_net(4).state_dict(), "init_args": {"plans": plans, "configuration": "2d"}}
+    path = str(tmp_path / "checkpoint_final.pth")
+    torch.save(good, path)
+    load_teacher_checkpoint(teacher, path, "nnUNetPlans", "2d", "Dataset104_Hippocampus", torch.device("cpu"))
+    assert all(torch.equal(v, good["network_weights"][k]) for k, v in teacher.state_dict().items())
+    with pytest.raises(RuntimeError, match=r"configuration 2d .* this run uses plans nnUNetPlans, configuration "
+                                           r"3d_fullres.*nnUNetv2_train Dataset104_Hippocampus 3d_fullres all -tr "
+                                           r"SupervisedBaselineTrainer"):
+        load_teacher_checkpoint(teacher, path, "nnUNetPlans", "3d_fullres", "Dataset104_Hippocampus",
+                                torch.device("cpu"))
+    other = dict(good, network_weights=ReciprocalLearningTrainer.build_network_architecture(
+        None, config_manager(2, True), 1, NUM_CLASSES, True).state_dict())
+    torch.save(other, path)
+    with pytest.raises(RuntimeError, match="does not match this run's architecture"):
+        load_teacher_checkpoint(teacher, path, "nnUNetPlans", "2d", "Dataset104_Hippocampus", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="no such file"):
+        load_teacher_checkpoint(teacher, str(tmp_path / "missing.pth"), "nnUNetPlans", "2d", "D", torch.device("cpu"))
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        tr = stub(ddp=True)
+        tr.local_rank = rank
+        tr.network = DDP(tr.network)
+        tr.optimizer, tr.lr_scheduler = tr.make_optimizer(tr.network)
+        tr.setup_auxiliary_modules()
+        assert isinstance(tr.aux["teacher"].wrapped, DDP)
+        data, target, u = batch(10 + rank)                 # every rank its own data
+        tgt = ds_targets(tr.network(data), target)
+        for _ in range(3):
+            tr.method_step(data, tgt, [u])
+        flat = {name: torch.cat([p.detach().flatten() for p in m.parameters()])
+                for name, m in (("student", tr.network.module), ("teacher", tr.aux["teacher"].module))}
+        torch.save(flat, os.path.join(out_dir, f"rank{rank}.pth"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_ddp_keeps_teacher_and_student_identical(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pth") for r in (0, 1))
+    for name in ("student", "teacher"):
+        assert torch.equal(r0[name], r1[name]), name
+    # and they trained: not the initial weights
+    assert not torch.equal(r0["teacher"], torch.cat([p.flatten() for p in tiny_net(1).parameters()]))
