@@ -16,9 +16,8 @@ Raw dataset (``$nnUNet_raw/DatasetXXX_Name/``)::
     splits_standard/    optional: ``<setting>.json`` for every standard labeled setting of a
                         benchmark dataset (same format as splits_semi.json), for reference
     splits_semi.json    the semi-supervised split (see :class:`SemiSplit`)
-    splits_standard/    optional: ``<setting>.json`` (same format as splits_semi.json) for every
-                        standard labeled setting of the dataset (e.g. ``8_labeled.json``);
-                        reference only, the folders above follow splits_semi.json
+    case_metadata.json  optional: domain / vendor / centre / task / dataset of origin per case
+                        (see :class:`CaseMetadata`)
 
 Preprocessed (``$nnUNet_preprocessed/DatasetXXX_Name/``)::
 
@@ -27,6 +26,8 @@ Preprocessed (``$nnUNet_preprocessed/DatasetXXX_Name/``)::
                                     nnU-Net's own preprocessor; a sibling folder, so nnU-Net's
                                     automatic splits and ``fold all`` never see them
     <data_identifier>_unlabeled.json  manifest: plans identity, case ids, source files
+    case_metadata.json              copy of the raw one, made by ``nnUNetv2_preprocess_unlabeled``
+                                    (read by :func:`find_case_metadata` when the raw folder is absent)
 
 Withheld labels therefore never sit where nnU-Net (planning, fingerprint, ``gt_segmentations``,
 validation) or the plugin's trainers look.
@@ -37,6 +38,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -54,6 +56,17 @@ SPLIT_FORMAT_VERSION = 1
 
 class LayoutError(RuntimeError):
     """Bad input on disk. The message names the file and says how to fix it."""
+
+
+def read_json(path: str):
+    """The JSON content of ``path``, or None when there is no such file; unreadable JSON is a LayoutError."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise LayoutError(f"{path}: cannot be read as JSON ({e}). Fix or delete the file.") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,13 +163,9 @@ class SemiSplit:
     @classmethod
     def load(cls, raw_dataset_folder: str) -> Optional["SemiSplit"]:
         path = os.path.join(raw_dataset_folder, SPLIT_FILE)
-        if not os.path.isfile(path):
+        d = read_json(path)
+        if d is None:
             return None
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise LayoutError(f"{path}: cannot be read as JSON ({e}). Fix or delete the file.") from e
         for key in ("labeled", "unlabeled"):
             if not isinstance(d.get(key), list):
                 raise LayoutError(f"{path}: key '{key}' must be a list of case ids.")
@@ -208,11 +217,7 @@ def load_standard_splits(raw_dataset_folder: str) -> Dict[str, SemiSplit]:
         if not fname.endswith(".json"):
             continue
         path = os.path.join(folder, fname)
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise LayoutError(f"{path}: cannot be read as JSON ({e}). Fix or delete the file.") from e
+        d = read_json(path)
         split = SemiSplit(labeled=d["labeled"], unlabeled=d["unlabeled"], test=d.get("test", []),
                           val=d.get("val", []), setting=d.get("setting", ""), seed=d.get("seed"),
                           notes=d.get("notes", ""))
@@ -270,6 +275,158 @@ def unlabeled_cases_from_raw(raw_dataset_folder: str, dataset_json: dict) -> Dic
 
 
 # --------------------------------------------------------------------------------------------
+# per-case metadata
+# --------------------------------------------------------------------------------------------
+CASE_METADATA_FILE = "case_metadata.json"
+CASE_METADATA_FORMAT_VERSION = 1
+#: known per-case fields -> allowed JSON types; free-form fields go under a case's "extra"
+CASE_FIELDS = {"domain": (str,), "vendor": (str,), "centre": (str, int), "task": (str, int),
+               "origin_dataset": (str,)}
+_METADATA_KEYS = ("format", "target_domain", "source_domains", "extra", "cases")
+
+
+def _type_names(types) -> str:
+    return " or ".join({str: "a string", int: "an integer"}[t] for t in types)
+
+
+@dataclass
+class CaseMetadata:
+    """Per-case domain, vendor, centre, task and dataset of origin, stored as ``case_metadata.json``
+    beside ``splits_semi.json``::
+
+        {"format": 1, "target_domain": "MR", "source_domains": ["CT"], "extra": {},
+         "cases": {"ct_train_1001": {"domain": "CT", "origin_dataset": "MMWHS"},
+                   "A0S9V9_ED": {"domain": "A", "vendor": "A", "centre": 1, "extra": {"any": "JSON"}}}}
+
+    Every field is optional (per case and at the top). Case keys are nnU-Net case ids, which are also
+    the preprocessed identifiers a trainer sees (``batch["keys"]``, ``UnlabeledBatch.keys``).
+    """
+    cases: Dict[str, dict] = field(default_factory=dict)
+    target_domain: Optional[str] = None
+    source_domains: List[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def set(self, case: str, **fields) -> None:
+        """Add ``fields`` (those in :data:`CASE_FIELDS`, or ``extra=dict``) to ``case``; None values are left out."""
+        entry = dict(self.cases.get(case, {}))
+        for k, v in fields.items():
+            if v is None:
+                continue
+            entry[k] = {**entry.get("extra", {}), **v} if k == "extra" and isinstance(v, dict) else v
+        _check_case_entry(CASE_METADATA_FILE, case, entry)
+        self.cases[case] = entry
+
+    def get(self, case: str) -> dict:
+        """The fields of ``case`` (a copy; ``{}`` for a case without metadata)."""
+        return dict(self.cases.get(case, {}))
+
+    def domain_of(self, case: str) -> Optional[str]:
+        return self.cases.get(case, {}).get("domain")
+
+    def task_of(self, case: str):
+        return self.cases.get(case, {}).get("task")
+
+    def __contains__(self, case: str) -> bool:
+        return case in self.cases
+
+    def to_json(self) -> dict:
+        d: dict = {"format": CASE_METADATA_FORMAT_VERSION}
+        if self.target_domain is not None:
+            d["target_domain"] = self.target_domain
+        if self.source_domains:
+            d["source_domains"] = list(self.source_domains)
+        if self.extra:
+            d["extra"] = dict(self.extra)
+        d["cases"] = {c: dict(e) for c, e in self.cases.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d, where: str = CASE_METADATA_FILE) -> "CaseMetadata":
+        """Parse and validate; a :class:`LayoutError` names ``where`` and the fix."""
+        if not isinstance(d, dict):
+            raise LayoutError(f"{where}: must hold a JSON object with 'format' and 'cases'.")
+        if d.get("format") != CASE_METADATA_FORMAT_VERSION:
+            raise LayoutError(f"{where}: unknown format {d.get('format')!r}; this nnunet_semi reads format "
+                              f"{CASE_METADATA_FORMAT_VERSION} (see CaseMetadata in nnunet_semi/layout.py). "
+                              f"Rewrite the file in that format or update nnunet_semi.")
+        unknown = sorted(set(d) - set(_METADATA_KEYS))
+        if unknown:
+            raise LayoutError(f"{where}: unknown key(s) {unknown} (allowed: {', '.join(_METADATA_KEYS)}). "
+                              f"Put free-form setting fields under 'extra'.")
+        if not isinstance(d.get("cases", {}), dict):
+            raise LayoutError(f"{where}: 'cases' must be an object mapping case ids to their fields.")
+        md = cls(cases=dict(d.get("cases", {})), target_domain=d.get("target_domain"),
+                 source_domains=d.get("source_domains", []), extra=d.get("extra", {}))
+        md.validate(where)
+        return md
+
+    def validate(self, where: str = CASE_METADATA_FILE) -> None:
+        if self.target_domain is not None and not isinstance(self.target_domain, str):
+            raise LayoutError(f"{where}: 'target_domain' must be a string, not {self.target_domain!r}.")
+        if not isinstance(self.source_domains, list) or not all(isinstance(x, str) for x in self.source_domains):
+            raise LayoutError(f"{where}: 'source_domains' must be a list of strings, not {self.source_domains!r}.")
+        if self.target_domain in self.source_domains:
+            raise LayoutError(f"{where}: target domain '{self.target_domain}' is also listed in 'source_domains'.")
+        if not isinstance(self.extra, dict):
+            raise LayoutError(f"{where}: 'extra' must be an object, not {self.extra!r}.")
+        for case, entry in self.cases.items():
+            _check_case_entry(where, case, entry)
+
+    def check_cases(self, split: SemiSplit, where: str = CASE_METADATA_FILE) -> None:
+        """Every case with metadata must be in ``split`` (any group)."""
+        known = set(split.labeled) | set(split.unlabeled) | set(split.val) | set(split.test)
+        extra = [c for c in self.cases if c not in known]
+        if extra:
+            raise LayoutError(f"{where}: case(s) {extra[:5]} are not in the split ({SPLIT_FILE}). Remove them "
+                              f"from 'cases' or add them to the split.")
+
+    def save(self, raw_dataset_folder: str) -> str:
+        """Validate (against the folder's splits_semi.json where present) and write the file."""
+        path = case_metadata_file(raw_dataset_folder)
+        self.validate(path)
+        split = SemiSplit.load(raw_dataset_folder)
+        if split is not None:
+            self.check_cases(split, path)
+        blob = json.dumps(self.to_json(), indent=2)  # fails before the file is touched if not JSON
+        with open(path, "w") as f:
+            f.write(blob)
+        return path
+
+
+def _check_case_entry(where: str, case, entry) -> None:
+    if not isinstance(case, str) or not isinstance(entry, dict):
+        raise LayoutError(f"{where}: case {case!r} must map to an object of fields, not {entry!r}.")
+    for k, v in entry.items():
+        if k == "extra":
+            if not isinstance(v, dict):
+                raise LayoutError(f"{where}: case '{case}': 'extra' must be an object, not {v!r}.")
+        elif k not in CASE_FIELDS:
+            raise LayoutError(f"{where}: case '{case}': unknown field '{k}' (known: {', '.join(CASE_FIELDS)}). "
+                              f"Put free-form fields under the case's 'extra'.")
+        elif isinstance(v, bool) or not isinstance(v, CASE_FIELDS[k]):
+            raise LayoutError(f"{where}: case '{case}': '{k}' must be {_type_names(CASE_FIELDS[k])}, not {v!r} "
+                              f"(leave the field out when it is unknown).")
+
+
+def case_metadata_file(folder: str) -> str:
+    return os.path.join(folder, CASE_METADATA_FILE)
+
+
+def load_case_metadata(folder: str) -> Optional[CaseMetadata]:
+    """The ``case_metadata.json`` of a raw (or preprocessed) dataset folder, validated, checked against
+    the folder's splits_semi.json where present; None without the file."""
+    path = case_metadata_file(folder)
+    d = read_json(path)
+    if d is None:
+        return None
+    md = CaseMetadata.from_json(d, path)
+    split = SemiSplit.load(folder)
+    if split is not None:
+        md.check_cases(split, path)
+    return md
+
+
+# --------------------------------------------------------------------------------------------
 # preprocessed layout
 # --------------------------------------------------------------------------------------------
 def unlabeled_preprocessed_folder(preprocessed_dataset_folder_base: str, data_identifier: str) -> str:
@@ -301,6 +458,36 @@ def read_manifest(preprocessed_dataset_folder_base: str, data_identifier: str) -
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def raw_dataset_folder_of(preprocessed_dataset_folder_base: str) -> Optional[str]:
+    """``$nnUNet_raw/<dataset name>`` for a preprocessed dataset folder, or None when ``nnUNet_raw`` is
+    unset or holds no such folder."""
+    raw_root = os.environ.get("nnUNet_raw")
+    if not raw_root:
+        return None
+    raw = os.path.join(raw_root, os.path.basename(os.path.normpath(preprocessed_dataset_folder_base)))
+    return raw if os.path.isdir(raw) else None
+
+
+def find_case_metadata(preprocessed_dataset_folder_base: str) -> Optional[CaseMetadata]:
+    """The case metadata for training on a preprocessed dataset: the raw dataset's file when the raw
+    folder is available (:func:`raw_dataset_folder_of`), else the copy ``nnUNetv2_preprocess_unlabeled``
+    left in the preprocessed folder; None when there is none."""
+    raw = raw_dataset_folder_of(preprocessed_dataset_folder_base)
+    return load_case_metadata(raw if raw is not None else preprocessed_dataset_folder_base)
+
+
+def copy_case_metadata(raw_dataset_folder: str, preprocessed_dataset_folder_base: str) -> Optional[str]:
+    """Validate the raw dataset's case metadata and copy it into the preprocessed folder (a copy left
+    from earlier is removed when the raw dataset has none). Returns the copy's path or None."""
+    dst = case_metadata_file(preprocessed_dataset_folder_base)
+    if load_case_metadata(raw_dataset_folder) is None:
+        if os.path.isfile(dst):
+            os.remove(dst)
+        return None
+    shutil.copyfile(case_metadata_file(raw_dataset_folder), dst)
+    return dst
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_semi.conversion import mmwhs, mnms, pancreas, synapse
-from nnunet_semi.layout import SemiSplit, load_standard_splits
+from nnunet_semi.layout import SemiSplit, load_case_metadata, load_standard_splits
 
 SHAPE_ZYX = (8, 16, 16)
 SPACING = (0.8, 0.8, 2.5)  # x, y, z
@@ -116,6 +116,10 @@ def test_synapse_split_layout_missing_and_overwrite(tmp_path, capsys):
                           read_arr(os.path.join(src, "RawData/Training/img/img0001.nii.gz")))
     std = load_standard_splits(folder)
     assert set(std) == {"4_labeled"} and std["4_labeled"].labeled == split.labeled
+    # the dataset of origin of every case, nothing else
+    md = load_case_metadata(folder)
+    assert {c: md.get(c) for c in md.cases} == {c: {"origin_dataset": "Synapse"} for c in
+                                                 split.labeled + split.unlabeled + split.val + split.test}
 
     # no overwrite without --overwrite; nothing touched
     before = os.path.getmtime(os.path.join(folder, "dataset.json"))
@@ -187,11 +191,14 @@ def test_mmwhs_ct2mr(tmp_path, capsys):
     for sub in os.listdir(folder):
         if os.path.isdir(os.path.join(folder, sub)):
             assert not set(ct(1003, 1008, 1014, 1019)) & cases_in(folder, sub)
-    # domains
-    dom = json.load(open(os.path.join(folder, "domains.json")))
-    assert dom["source_domain"] == "CT" and dom["target_domain"] == "MR" and dom["setting"] == "ct2mr"
-    assert {c for c, m in dom["domains"].items() if m == "CT"} == set(split.labeled)
-    assert {c for c, m in dom["domains"].items() if m == "MR"} == set(split.unlabeled + split.val + split.test)
+    # domains: case_metadata.json, no ad hoc domains.json
+    assert not os.path.exists(os.path.join(folder, "domains.json"))
+    md = load_case_metadata(folder)
+    assert md.source_domains == ["CT"] and md.target_domain == "MR"
+    assert {c for c in md.cases if md.domain_of(c) == "CT"} == set(split.labeled)
+    assert {c for c in md.cases if md.domain_of(c) == "MR"} == set(split.unlabeled + split.val + split.test)
+    assert md.get("mr_train_1001") == {"domain": "MR", "origin_dataset": "MMWHS"}
+    assert "mr_train_1020" not in md and md.get("mr_train_1020") == {}  # absent from this copy
     # label remapping, also through the reorientation of the MR volumes (identity direction out)
     for case, sub in (("ct_train_1006", "labelsTr"), ("mr_train_1001", "labelsWithheld"), ("mr_train_1007", "labelsTs")):
         raw = sitk.ReadImage(os.path.join(src, case[:8], f"{case}_label.nii.gz"))
@@ -327,11 +334,14 @@ def test_mnms_genericssl_split_frames_and_domains(tmp_path, capsys):
             assert np.allclose(out_img.GetSpacing(), (1.25, 1.25, 10.0))
             lab = read_arr(os.path.join(folder, sub.replace("images", "labels"), f"{code}_{phase}.nii.gz"))
             assert set(np.unique(lab).tolist()) == {0, 1, 2, 3}
-    # domains.json: vendor and centre per case
-    dom = json.load(open(os.path.join(folder, "domains.json")))
-    assert dom["target_domain"] == "A" and dom["source_domains"] == ["B", "C", "D"]
-    assert dom["domains"]["E3F2U7_ES"] == "C" and dom["centres"]["H6P7T1_ED"] == 5
-    assert {c for c, v in dom["domains"].items() if v == "A"} == set(split.test)
+    # case_metadata.json: vendor (the domain) and centre per case, no ad hoc domains.json
+    assert not os.path.exists(os.path.join(folder, "domains.json"))
+    md = load_case_metadata(folder)
+    assert md.target_domain == "A" and md.source_domains == ["B", "C", "D"]
+    assert md.get("E3F2U7_ES") == {"domain": "C", "vendor": "C", "centre": 4, "origin_dataset": "MNMs"}
+    assert md.get("H6P7T1_ED")["centre"] == 5
+    assert {c for c in md.cases if md.domain_of(c) == "A"} == set(split.test)
+    assert set(md.cases) == set(split.labeled + split.unlabeled + split.test)
     # standard splits: GenericSSL's picks for both ratios (restricted to the subjects present)
     std = load_standard_splits(folder)
     assert set(std) == {"toA_0.02", "toA_0.05"}
@@ -404,6 +414,7 @@ def test_pancreas_rlsss_split_with_tcia_duplicates_absent(tmp_path, capsys):
     assert "2 missing" in stdout and "WARNING: 2 labeled case(s)" in stdout
     std = load_standard_splits(folder)
     assert set(std) == {"12_labeled"} and std["12_labeled"].labeled == split.labeled
+    assert load_case_metadata(folder).get("pancreas_0044") == {"origin_dataset": "PancreasCT"}
     assert np.array_equal(read_arr(os.path.join(folder, "labelsWithheld", "pancreas_0044.nii.gz")),
                           read_arr(os.path.join(src, "TCIA_pancreas_labels-02-05-2017", "label0044.nii.gz")))
     code, _, err = run(pancreas, ["-i", src, "-o", out], capsys)

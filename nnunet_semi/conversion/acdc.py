@@ -315,7 +315,8 @@ def convert(argv=None) -> str:
                               description=f"ACDC, {layout} layout, SSL4MIS split (nnunet_semi)"
                                           + (f"; spacing {tuple(args.h5_spacing)} mm assigned (not stored in the h5)"
                                              if layout == "h5" else ""),
-                              reference="Bernard et al., IEEE TMI 2018 (ACDC)", license="research use with citation")
+                              reference="Bernard et al., IEEE TMI 2018 (ACDC)", license="research use with citation",
+                              origin_dataset=DATASET_NAME)
     lab_p = set(patients[:args.labeled])
     jobs = [(c, "labeled" if patient_of(c) in lab_p else "unlabeled") for c in train] + \
            [(c, "val") for c in val] + [(c, "test") for c in test]

@@ -2,7 +2,7 @@
 
 Every converter reads one public dataset layout and writes one semi-supervised raw dataset in the
 layout of :mod:`nnunet_semi.layout` (imagesTr/labelsTr, imagesUnlabeled/labelsWithheld,
-imagesTs/labelsTs, dataset.json, splits_semi.json, splits_standard/<setting>.json).
+imagesTs/labelsTs, dataset.json, splits_semi.json, splits_standard/<setting>.json, case_metadata.json).
 
 API (stable; other converters build on it)
 ------------------------------------------
@@ -11,13 +11,14 @@ API (stable; other converters build on it)
     Bad input or refused operation. The message names the case / file / folder and the fix.
 
 ``RawDatasetWriter(out_root, dataset_id, name, channel_names, labels, file_ending='.nii.gz',
-overwrite=False, **dataset_json_extra)``
+overwrite=False, origin_dataset=None, **dataset_json_extra)``
     Creates ``<out_root>/DatasetXXX_Name/``. If that folder exists and is non-empty it raises
     ``ConversionError`` naming it and telling to pass ``--overwrite`` (nothing is touched); with
     ``overwrite=True`` the folder is removed first. ``channel_names`` e.g. ``{0: 'MRI'}``;
     ``labels`` e.g. ``{'background': 0, 'LA': 1}`` (nnU-Net dataset.json conventions).
     ``dataset_json_extra`` (description, reference, licence, release, citation, ...) goes into
-    dataset.json unchanged.
+    dataset.json unchanged. ``origin_dataset`` (e.g. the converter's ``DATASET_NAME``) is recorded for
+    every written case in case_metadata.json.
 
     Writing cases (``case`` is the nnU-Net case id, e.g. ``hippocampus_001``):
 
@@ -62,11 +63,14 @@ overwrite=False, **dataset_json_extra)``
         = number of labeled cases), ``splits_semi.json`` (the active setting) and
         ``splits_standard/<setting>.json`` for every entry of ``standard_splits`` (keys are file
         name safe setting names such as ``8_labeled``; each must cover exactly the same training
-        and held-out cases), prints a summary and returns the dataset folder.
+        and held-out cases), ``case_metadata.json`` when there is any (``writer.metadata``, plus
+        ``origin_dataset``), prints a summary and returns the dataset folder.
 
     Attributes after writing: ``folder``, ``labeled``, ``unlabeled``, ``test``, ``val`` (case lists
     in write order), ``withheld`` (unlabeled cases whose label went to labelsWithheld),
-    ``missing`` and ``skipped`` (lists of ``(case, text)``).
+    ``missing`` and ``skipped`` (lists of ``(case, text)``), ``metadata``: the
+    :class:`~nnunet_semi.layout.CaseMetadata` that ``finish`` writes (converters call
+    ``writer.metadata.set(case, domain=..., ...)`` and set its ``target_domain``/``source_domains``).
 
 Helpers
     - ``read_sitk(path, case)``: SimpleITK read; an unreadable file raises ``ConversionError``
@@ -110,7 +114,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_semi.layout import (IMAGES_TR, IMAGES_TS, IMAGES_UNLABELED, LABELS_TR, LABELS_TS,
-                                LABELS_WITHHELD, LayoutError, SemiSplit, dataset_folder_name,
+                                LABELS_WITHHELD, CaseMetadata, LayoutError, SemiSplit, dataset_folder_name,
                                 image_filename, label_filename, save_standard_split)
 
 ArrayOrImage = Union[np.ndarray, sitk.Image]
@@ -272,7 +276,8 @@ class RawDatasetWriter:
     """Writes one semi-supervised raw dataset; see the module docstring for the API."""
 
     def __init__(self, out_root: str, dataset_id: int, name: str, channel_names: dict, labels: dict,
-                 file_ending: str = ".nii.gz", overwrite: bool = False, **dataset_json_extra):
+                 file_ending: str = ".nii.gz", overwrite: bool = False, origin_dataset: Optional[str] = None,
+                 **dataset_json_extra):
         if not out_root:
             raise ConversionError("no output root: pass -o/--output-root or set $nnUNet_raw.")
         self.out_root = os.path.abspath(out_root)
@@ -282,6 +287,8 @@ class RawDatasetWriter:
         self.labels = dict(labels)
         self.file_ending = file_ending
         self.dataset_json_extra = dataset_json_extra
+        self.origin_dataset = origin_dataset
+        self.metadata = CaseMetadata()
         self._allowed = _allowed_label_values(self.labels)
         self.folder = os.path.join(self.out_root, dataset_folder_name(self.dataset_id, name))
         if os.path.isdir(self.folder) and os.listdir(self.folder):
@@ -472,11 +479,15 @@ class RawDatasetWriter:
                               num_training_cases=len(self.labeled), file_ending=self.file_ending,
                               dataset_name=dataset_folder_name(self.dataset_id, self.name), **extra)
         split.save(self.folder)
-        for setting, s in (standard_splits or {}).items():
-            try:
+        for case in self._written if self.origin_dataset else ():
+            self.metadata.cases.setdefault(case, {}).setdefault("origin_dataset", self.origin_dataset)
+        try:
+            for setting, s in (standard_splits or {}).items():
                 save_standard_split(self.folder, setting, s)
-            except LayoutError as e:
-                raise ConversionError(str(e)) from e
+            if self.metadata.to_json() != CaseMetadata().to_json():  # anything recorded
+                self.metadata.save(self.folder)
+        except LayoutError as e:
+            raise ConversionError(str(e)) from e
         lines = [f"wrote {self.folder}",
                  f"  setting: {split.setting or '-'}" + (f" (seed {split.seed})" if split.seed is not None else ""),
                  f"  labeled   (imagesTr/labelsTr):                {len(self.labeled)}",

@@ -184,7 +184,7 @@ def convert(argv=None) -> str:
                               overwrite=args.overwrite,
                               description="MSD Task04 Hippocampus, semi-supervised split (nnunet_semi)",
                               reference="Medical Segmentation Decathlon (Simpson et al. 2019, Antonelli et al. 2022)",
-                              license="CC BY-SA 4.0")
+                              license="CC BY-SA 4.0", origin_dataset=DATASET_NAME)
     for case, path in missing:
         writer.report_missing(case, path)
     for case in sorted(set(labels) - set(images)):

@@ -235,7 +235,7 @@ def convert(argv=None) -> str:
                                           f"(nnunet_semi)" + (", spacing 0.625 mm isotropic assigned (not stored "
                                                               "in the h5)" if layout == "h5" else ""),
                               reference="Xiong et al., MedIA 2021 (2018 Atrial Segmentation Challenge)",
-                              license="research use with citation")
+                              license="research use with citation", origin_dataset=DATASET_NAME)
     listed = set(train) | set(test)
     extra = sorted(set(cases) - listed)
     if extra:

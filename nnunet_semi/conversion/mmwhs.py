@@ -28,10 +28,12 @@ source-domain test cases are not used by the setting and are not written. Target
 the unlabeled cases go to labelsWithheld/, those of val/test to labelsTs/. Case ids keep the MM-WHS
 names (``ct_train_1001``, ``mr_train_1001``).
 
-Domains: every case's modality is written to ``domains.json`` beside ``splits_semi.json``::
+Domains: ``case_metadata.json`` (:class:`nnunet_semi.layout.CaseMetadata`) beside ``splits_semi.json``
+holds every case's modality as its ``domain`` (and ``origin_dataset`` "MMWHS"), with the setting's
+``target_domain`` and ``source_domains``::
 
-    {"format": 1, "setting": "ct2mr", "source_domain": "CT", "target_domain": "MR",
-     "domains": {"ct_train_1006": "CT", ..., "mr_train_1001": "MR", ...}}
+    {"format": 1, "target_domain": "MR", "source_domains": ["CT"],
+     "cases": {"ct_train_1006": {"domain": "CT", "origin_dataset": "MMWHS"}, ...}}
 
 Channel name ``zscore`` (nnU-Net per-image z-score normalisation): nnU-Net's ``CT`` scheme would
 clip target-domain MR with intensity statistics of the labeled domain. Every image and label is
@@ -41,8 +43,6 @@ label bounding box, percentile clipping and zoom to 144^3 are not applied (nnU-N
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -51,11 +51,10 @@ import SimpleITK as sitk
 from nnunet_semi.conversion.common import (ConversionError, RawDatasetWriter, as_label_array, find_input_folder,
                                            make_parser, nifti_path, parse_args, read_sitk, restrict_split, run_main,
                                            warn_absent_labeled, write_cases)
-from nnunet_semi.layout import SemiSplit
+from nnunet_semi.layout import CASE_METADATA_FILE, SemiSplit
 
 DEFAULT_DATASET_ID = 30
 DATASET_NAME = "MMWHS"
-DOMAINS_FILE = "domains.json"
 
 LABELS = {"background": 0, "MYO": 1, "LAC": 2, "LVC": 3, "AA": 4}
 #: MM-WHS raw label code -> structure
@@ -93,7 +92,8 @@ def standard_split(setting: str) -> SemiSplit:
                      notes=f"A&D/GenericSSL MM-WHS UDA {s['source']}->{s['target']} (MMWHS_data/splits_txts: "
                            f"train_{setting}_labeled/unlabeled, eval_{setting} -> val, test_{s['target'].lower()}). "
                            f"labeled = {s['source']} (source domain); unlabeled, val, test = {s['target']} (target "
-                           f"domain); the {s['source']} test cases are not used. Per-case modality: {DOMAINS_FILE}.")
+                           f"domain); the {s['source']} test cases are not used. Per-case modality: "
+                           f"{CASE_METADATA_FILE}.")
 
 
 def remap_labels(arr: np.ndarray, case: str, ignore_unknown: bool = False) -> np.ndarray:
@@ -170,21 +170,19 @@ def convert(argv: Optional[List[str]] = None) -> str:
         description=f"MM-WHS 2017 whole heart CT/MR, UDA {setting['source']}->{setting['target']} "
                     f"(GenericSSL split); MYO, LAC, LVC, AA",
         reference="https://zmiclab.github.io/zxh/0/mmwhs/",
-        license="see the MM-WHS 2017 data use terms")
+        license="see the MM-WHS 2017 data use terms", origin_dataset=DATASET_NAME)
     split = standard_split(args.setting)
     written = write_cases(writer, split,
                           lambda case: (nifti_path(dirs[_modality(case)], f"{case}_image"),
                                         nifti_path(dirs[_modality(case)], f"{case}_label")),
                           read=_case_reader(not args.no_reorient, args.ignore_unknown_values),
                           desc=f"MM-WHS {args.setting}")
-    domains = {case: _modality(case) for case in written}
+    for case in written:
+        writer.metadata.set(case, domain=_modality(case))
+    writer.metadata.target_domain, writer.metadata.source_domains = setting["target"], [setting["source"]]
     warn_absent_labeled(split, writer.labeled)
     active = restrict_split(split, written)
-    folder = writer.finish(active, {args.setting: active})
-    with open(os.path.join(folder, DOMAINS_FILE), "w") as f:
-        json.dump({"format": 1, "setting": args.setting, "source_domain": setting["source"],
-                   "target_domain": setting["target"], "domains": domains}, f, indent=2)
-    return folder
+    return writer.finish(active, {args.setting: active})
 
 
 def main(argv: Optional[List[str]] = None) -> None:

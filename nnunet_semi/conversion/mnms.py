@@ -32,11 +32,12 @@ published ones (``MNMS_data/split_txts/train_to<X>_labeled_<r>.txt``; where that
 published, the other-vendor subjects missing from ``train_to<X>_unlabeled_<r>.txt``); the eight
 selections are in :data:`GENERICSSL_LABELED`. ``--seed N`` instead draws ceil(r * n_v) subjects per
 vendor with ``numpy.random.default_rng(N)`` among the subjects present. splits_standard/ holds the
-GenericSSL selections of both ratios for the target. Each case's vendor and centre are written to
-``domains.json`` beside ``splits_semi.json``::
+GenericSSL selections of both ratios for the target. Each case's vendor (also its ``domain``) and
+centre are written to ``case_metadata.json`` (:class:`nnunet_semi.layout.CaseMetadata`) beside
+``splits_semi.json``::
 
-    {"format": 1, "setting": "toA_0.02", "target_domain": "A", "source_domains": ["B", "C", "D"],
-     "domains": {"A0S9V9_ED": "A", ...}, "centres": {"A0S9V9_ED": 1, ...}}
+    {"format": 1, "target_domain": "A", "source_domains": ["B", "C", "D"],
+     "cases": {"A0S9V9_ED": {"domain": "A", "vendor": "A", "centre": 1, "origin_dataset": "MNMs"}, ...}}
 
 Images are written at native resolution; GenericSSL's z-crop to the labeled slices, central 2/3
 in-plane crop and zoom to 32x144x144 are left to nnU-Net's preprocessing.
@@ -44,7 +45,6 @@ in-plane crop and zoom to 32x144x144 are left to nnU-Net's preprocessing.
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 from typing import Dict, List, Optional, Tuple
@@ -54,11 +54,10 @@ import SimpleITK as sitk
 
 from nnunet_semi.conversion.common import (ConversionError, RawDatasetWriter, make_parser, parse_args, read_sitk,
                                            restrict_split, run_main, split_groups, warn_absent_labeled)
-from nnunet_semi.layout import SemiSplit
+from nnunet_semi.layout import CASE_METADATA_FILE, SemiSplit
 
 DEFAULT_DATASET_ID = 31
 DATASET_NAME = "MNMs"
-DOMAINS_FILE = "domains.json"
 INFO_CSV = "211230_M&Ms_Dataset_information_diagnosis_opendataset.csv"
 VENDORS = ("A", "B", "C", "D")
 RATIOS = ("0.02", "0.05")
@@ -66,7 +65,7 @@ PHASES = ("ED", "ES")
 LABELS = {"background": 0, "LV": 1, "MYO": 2, "RV": 3}
 ANNOTATED_FOLDERS = ("Training/Labeled", "Validation", "Testing")
 UNANNOTATED_FOLDERS = ("Training/Unlabeled",)
-REQUIRED_COLUMNS = ("External code", "Vendor", "ED", "ES")  # "Centre" is optional (domains.json)
+REQUIRED_COLUMNS = ("External code", "Vendor", "ED", "ES")  # "Centre" is optional (case_metadata.json)
 
 #: GenericSSL's labeled subjects per (target vendor, ratio), by source vendor
 #: (MNMS_data/split_txts; ceil(r * n_v) subjects of each source vendor, n = A 95, B 125, C 50, D 50).
@@ -169,7 +168,7 @@ def make_split(target: str, ratio: str, subjects_by_vendor: Dict[str, List[str]]
                      notes=f"A&D/GenericSSL SemiDG M&Ms: target vendor {target} (all its subjects = test), source "
                            f"vendors {','.join(src)}; labeled = {how}, both ED and ES frames; unlabeled = the other "
                            f"source-vendor subjects; no val group. Cases <code>_ED/<code>_ES; vendor per case in "
-                           f"{DOMAINS_FILE}.")
+                           f"{CASE_METADATA_FILE}.")
 
 
 def _find_root(path: str) -> str:
@@ -243,7 +242,10 @@ def convert(argv: Optional[List[str]] = None) -> str:
         args.output_root, args.dataset_id, f"{DATASET_NAME}_to{args.target}", {0: "cineMRI"}, LABELS,
         overwrite=args.overwrite,
         description=f"M&Ms cardiac cine MRI, ED/ES frames, SemiDG split (GenericSSL): unseen vendor {args.target}",
-        reference="https://www.ub.edu/mnms/", license="see the M&Ms challenge data use terms")
+        reference="https://www.ub.edu/mnms/", license="see the M&Ms challenge data use terms",
+        origin_dataset=DATASET_NAME)
+    writer.metadata.target_domain = args.target
+    writer.metadata.source_domains = [v for v in VENDORS if v != args.target]
     print(f"M&Ms: {len(info)} subjects with vendor A-D in {csv_path}")
 
     # where is each subject?
@@ -279,8 +281,6 @@ def convert(argv: Optional[List[str]] = None) -> str:
                 for r in RATIOS}
     group_of = dict(split_groups(split))
 
-    domains: Dict[str, str] = {}
-    centres: Dict[str, object] = {}
     for code in writer.progress(sorted(folders, key=lambda c: (info[c]["vendor"], c)), desc=f"M&Ms to{args.target}"):
         folder = folders[code]
         img_path = os.path.join(folder, f"{code}_sa.nii.gz")
@@ -299,17 +299,12 @@ def convert(argv: Optional[List[str]] = None) -> str:
                     f"case {case}: the ground truth is empty at frame {frames[phase]} ({phase} in {csv_path}); "
                     f"annotated frames of {gt_path}: {_labeled_frames(gt_path)}.")
             writer.add_case(case, group_of.get(case, "test"), images[phase], labels[phase])
-            domains[case] = info[code]["vendor"]
-            centres[case] = info[code]["centre"]
+            writer.metadata.set(case, domain=info[code]["vendor"], vendor=info[code]["vendor"],
+                                centre=info[code]["centre"])
     warn_absent_labeled(split, writer.labeled)
     present = writer.labeled + writer.unlabeled + writer.test
     active = restrict_split(split, present)
-    folder = writer.finish(active, {k: restrict_split(s, present) for k, s in standard.items()})
-    with open(os.path.join(folder, DOMAINS_FILE), "w") as f:
-        json.dump({"format": 1, "setting": active.setting, "target_domain": args.target,
-                   "source_domains": [v for v in VENDORS if v != args.target], "domains": domains,
-                   "centres": centres}, f, indent=2)
-    return folder
+    return writer.finish(active, {k: restrict_split(s, present) for k, s in standard.items()})
 
 
 def main(argv: Optional[List[str]] = None) -> None:

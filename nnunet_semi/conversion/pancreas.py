@@ -125,7 +125,7 @@ def convert(argv: Optional[List[str]] = None) -> str:
         args.output_root, args.dataset_id, DATASET_NAME, {0: "CT"}, LABELS, overwrite=args.overwrite,
         description=f"NIH Pancreas-CT (TCIA), pancreas; {args.protocol} split",
         reference="https://www.cancerimagingarchive.net/collection/pancreas-ct/",
-        license="CC BY 3.0 (TCIA Pancreas-CT)")
+        license="CC BY 3.0 (TCIA Pancreas-CT)", origin_dataset=DATASET_NAME)
     print(f"Pancreas-CT: images from {img_dir}, labels from {lab_dir}, protocol {args.protocol}")
     split = protocol_split(args.protocol, args.labeled)
     number = {case_id(n): n for n in proto["train"] + proto["test"]}

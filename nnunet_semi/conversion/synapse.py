@@ -92,7 +92,7 @@ def convert(argv: Optional[List[str]] = None) -> str:
         args.output_root, args.dataset_id, DATASET_NAME, {0: "CT"}, LABELS, overwrite=args.overwrite,
         description="Synapse multi-organ abdominal CT (BTCV), 13 organs; GenericSSL ImbSSL split",
         reference="https://www.synapse.org/#!Synapse:syn3193805/wiki/217789",
-        license="see the Synapse BTCV data use terms")
+        license="see the Synapse BTCV data use terms", origin_dataset=DATASET_NAME)
     print(f"Synapse: images from {img_dir}, labels from {lab_dir}")
     split = standard_split()
 

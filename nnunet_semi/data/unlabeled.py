@@ -5,7 +5,9 @@ defines (``imagesUnlabeled/``, or the ``unlabeled`` list of ``splits_semi.json``
 the dataset (channel count, file ending, dimensionality), and writes each through nnU-Net's own
 preprocessor of the configuration (same transpose, crop, resampling and normalisation as the
 labeled cases) into ``<data_identifier>_unlabeled/`` beside nnU-Net's folder. Every input is checked
-before anything is written; existing output is kept unless ``--overwrite`` is given.
+before anything is written; existing output is kept unless ``--overwrite`` is given. The raw
+dataset's ``case_metadata.json`` is validated and copied into the preprocessed dataset folder, so
+training finds it without ``nnUNet_raw`` (:func:`nnunet_semi.layout.find_case_metadata`).
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from nnunet_semi.layout import (IMAGES_TR, LayoutError, find_image_cases, plans_identity, read_manifest,
-                                unlabeled_cases_from_raw, unlabeled_manifest_file,
+from nnunet_semi.layout import (IMAGES_TR, LayoutError, copy_case_metadata, find_image_cases, plans_identity,
+                                read_manifest, unlabeled_cases_from_raw, unlabeled_manifest_file,
                                 unlabeled_preprocessed_folder)
 
 
@@ -127,6 +129,9 @@ def preprocess_unlabeled(dataset_name_or_id, configurations: Sequence[str] = ("2
     pm = PlansManager(plans)
     cases = unlabeled_cases_from_raw(raw, dataset_json)
     check_unlabeled_cases(cases, raw, dataset_json, pm.image_reader_writer_class)
+    metadata_copy = copy_case_metadata(raw, pre)
+    if verbose and metadata_copy:
+        print(f"case metadata copied to {metadata_copy}", flush=True)
 
     done: Dict[str, str] = {}
     seen_identifiers = set()
