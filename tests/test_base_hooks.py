@@ -136,3 +136,20 @@ def test_export_hook_picks_and_restores_the_exported_network():
     with tr.exported_network():
         assert tr.network is teacher and teacher.decoder.deep_supervision is True   # as the student's
     assert tr.network is net and teacher.decoder.deep_supervision is False and not teacher.training
+
+
+def test_case_metadata_by_the_keys_nnunet_uses(tmp_path, monkeypatch):
+    import numpy as np
+    from nnunet_semi.layout import CaseMetadata, find_case_metadata
+    md = CaseMetadata()
+    md.set("ct_1001", domain="CT", origin_dataset="MMWHS")
+    tr = mt_trainer(build(CrossMatchTrainer, 2, False, deep_supervision=True), None)
+    tr.case_metadata = md
+    # nnU-Net's loaders hand out numpy strings; a case without metadata gives {}
+    assert tr.metadata_of(np.array(["ct_1001", "mr_1"])) == [{"domain": "CT", "origin_dataset": "MMWHS"}, {}]
+    # initialize() looks the file up next to the preprocessed data when nnUNet_raw has no such dataset
+    pre = tmp_path / "Dataset030_MMWHS"
+    pre.mkdir()
+    (pre / "case_metadata.json").write_text('{"format": 1, "cases": {"ct_1001": {"domain": "CT"}}}')
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "no_raw"))
+    assert find_case_metadata(str(pre)).domain_of("ct_1001") == "CT"

@@ -12,7 +12,7 @@ from nnunet_semi import ema, layout, losses, perturbations, schedules
 from nnunet_semi.data.loader import split_over_ranks, worker_seeds
 from nnunet_semi.data.views import MultiViewTransform, split_views, strong_view_transform
 from nnunet_semi.env import ENV_VAR, check_environment, ensure_ext_trainer, trainers_folder
-from nnunet_semi.training.base import atomic_torch_save
+from nnunet_semi.training.checkpoint import atomic_torch_save
 
 
 def tiny_unet(dim=3, ds=True):

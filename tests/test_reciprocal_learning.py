@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nnunet_semi.data.loader import UnlabeledBatch
 from nnunet_semi.losses import pseudo_label

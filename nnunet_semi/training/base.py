@@ -24,6 +24,8 @@ provides everything methods share:
 - AMP, gradient clipping and the optimiser step as nnU-Net does them, with the gradient norm before
   clipping and the fraction of clipped steps logged (``grad_norm``, ``clip_ratio``);
 - per-epoch logging of every term ``compute_loss`` returns, drawn as a fourth panel of progress.png;
+- per-case metadata (domain, task, ...; :class:`~nnunet_semi.layout.CaseMetadata`) by case key:
+  :meth:`metadata_of` for ``self.labeled_keys`` (the current labeled batch) and ``UnlabeledBatch.keys``;
 - checkpoints written atomically, with the extra state (auxiliary modules with their optimizers and
   schedules, the student when another module is exported, RNG states, method state) under the key
   ``'nnunet_semi'``, restored by ``--c``/``--val``.
@@ -35,8 +37,6 @@ a three-line subclass. Training length can be set with the ``nnUNet_semi_*`` env
 """
 from __future__ import annotations
 
-import os
-import random
 import time
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple, Union
@@ -54,48 +54,17 @@ from nnunet_semi.data.loader import UnlabeledBatch, build_unlabeled_augmenter, l
 from nnunet_semi.data.views import MultiViewTransform, split_views, strong_view_transform, weak_view_transform
 from nnunet_semi.ema import copy_weights, ema_decay_at, unwrap
 from nnunet_semi.env import ext_trainer_configured, missing_trainer_message
+from nnunet_semi.layout import CaseMetadata, find_case_metadata
 from nnunet_semi.schedules import ramp
 from nnunet_semi.training.auxiliary import (AuxiliaryModule, ema_update_from, load_module_state, module_state,
                                             resolve)
 from nnunet_semi.training.budget import apply_schedule_overrides
+from nnunet_semi.training.checkpoint import atomic_torch_save, rng_state, set_rng_state
 from nnunet_semi.training.plugin import PluginTrainerMixin
 from nnunet_semi.training.progress import SemiLocalLogger
 
 CHECKPOINT_KEY = "nnunet_semi"
 NNUNET_LOGGED = {"loss"}
-
-
-def atomic_torch_save(obj, filename: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``filename``: a
-    kill during saving leaves the previous checkpoint intact, never a truncated one."""
-    tmp = f"{filename}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, filename)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        try:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        except RuntimeError:  # different number of GPUs than when saved
-            pass
 
 
 def _inner_loader(augmenter):
@@ -153,6 +122,9 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         #: the method's auxiliary modules by name (built in initialize)
         self.aux: Dict[str, AuxiliaryModule] = {}
         self._grad_norms: Dict[str, torch.Tensor] = {}
+        #: per-case metadata of the dataset (empty when it has no case_metadata.json) and the current keys
+        self.case_metadata = CaseMetadata()
+        self.labeled_keys: List[str] = []
         self.dataloader_unlabeled = None
         self.unlabeled_identifiers: List[str] = []
         self.batch_size_unlabeled: Optional[int] = None
@@ -180,6 +152,7 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         world, rank = (dist.get_world_size(), dist.get_rank()) if self.is_ddp else (1, 0)
         global_u = self.unlabeled_batch_size or self.configuration_manager.batch_size
         self.batch_size_unlabeled = split_over_ranks(int(global_u), world, rank)
+        self.case_metadata = find_case_metadata(self.preprocessed_dataset_folder_base) or CaseMetadata()
         self.aux = dict(self.build_auxiliary_modules())
         self.setup_auxiliary_modules()
         if self.export_network != "student" and self.export_network not in self.aux:
@@ -335,6 +308,11 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
     def autocast(self):
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 
+    def metadata_of(self, keys) -> List[dict]:
+        """The per-case metadata (``{}`` where there is none) of nnU-Net case keys, e.g. ``self.labeled_keys``
+        or ``UnlabeledBatch.keys``."""
+        return [self.case_metadata.get(str(k)) for k in keys]
+
     def next_unlabeled(self) -> UnlabeledBatch:
         t0 = time.perf_counter()
         b = next(self.dataloader_unlabeled)
@@ -416,6 +394,7 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         self.update_ema_modules()
 
     def train_step(self, batch: dict) -> dict:
+        self.labeled_keys = [str(k) for k in batch.get("keys", [])]
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
