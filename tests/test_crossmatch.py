@@ -19,7 +19,8 @@ from nnunet_semi.data.loader import UnlabeledBatch
 from nnunet_semi.methods import crossmatch as cm
 from nnunet_semi.methods.crossmatch import (CrossMatchTrainer, CrossMatchTrainer_annealedTau, CrossMatchTrainer_paper,
                                             CrossMatchTrainer_presentClassDice, CrossMatchTrainer_rampUp,
-                                            CrossMatchTrainer_released, annealed_tau, crossmatch_unsupervised_terms)
+                                            CrossMatchTrainer_released, MixSource, StudentStreams, annealed_tau,
+                                            crossmatch_unsupervised_terms)
 from nnunet_semi.networks.feature_perturbation import FeaturePerturbationUNet, add_feature_perturbation
 from nnunet_semi.perturbations import channel_dropout_mask, perturb_skips
 
@@ -136,7 +137,8 @@ def test_tau_masking_excludes_exactly_low_confidence_voxels(num_classes):
     # the statistics of the functional core use the same mask
     z = torch.zeros(2, num_classes, *shape[1:])
     no_box = torch.zeros(shape, dtype=torch.bool)
-    terms = crossmatch_unsupervised_terms(teacher, z, z, z, z, z, z, z, z, z, no_box, no_box, tau, tr.unsup_dice)
+    terms = crossmatch_unsupervised_terms(StudentStreams(teacher, z, z, z, z, z, z), MixSource(z, z, z, no_box, no_box),
+                                          tau, tr.unsup_dice)
     assert terms["mask_ratio"].item() == pytest.approx(keep.mean(), abs=1e-6)
     assert terms["pl_confidence"].item() == pytest.approx(conf.mean().item(), abs=1e-6)
 
@@ -149,8 +151,8 @@ def test_pseudo_labels_carry_no_gradient():
     box = torch.zeros((2, 8, 8), dtype=torch.bool)
     box[:, 2:5, 3:7] = True
     tr = minimal_trainer(None, None, 2)
-    terms = crossmatch_unsupervised_terms(p_w, p_ww, p_ws, p_s1, p_s2, p_s2w, p_s2s, mix, mixw, mixs, box, box,
-                                          0.0, tr.unsup_dice)
+    streams, source = StudentStreams(p_w, p_ww, p_ws, p_s1, p_s2, p_s2w, p_s2s), MixSource(mix, mixw, mixs, box, box)
+    terms = crossmatch_unsupervised_terms(streams, source, 0.0, tr.unsup_dice)
     y, c = cm.pseudo_label(p_w)
     assert not y.requires_grad and not c.requires_grad
     total = sum(terms[k] for k in ("loss_s1", "loss_s2", "loss_tkd", "loss_dkd"))
@@ -160,8 +162,7 @@ def test_pseudo_labels_carry_no_gradient():
     for student in (p_ww, p_ws, p_s1, p_s2, p_s2w, p_s2s):
         assert student.grad is not None and student.grad.abs().sum() > 0
     # the dropout streams of the weak view are students only in L_tkd; as L_dkd teachers they get no gradient
-    fresh = crossmatch_unsupervised_terms(p_w, p_ww, p_ws, p_s1, p_s2, p_s2w, p_s2s, mix, mixw, mixs, box, box,
-                                          0.0, tr.unsup_dice)
+    fresh = crossmatch_unsupervised_terms(streams, source, 0.0, tr.unsup_dice)
     assert torch.autograd.grad(fresh["loss_dkd"], [p_ww, p_ws], allow_unused=True) == (None, None)
 
 

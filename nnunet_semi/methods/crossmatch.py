@@ -1,109 +1,19 @@
 """CrossMatch (Zhao et al., IEEE JBHI 2024, arXiv 2405.00354; code ``AiEson/CrossMatch``).
 
-One network, no teacher network. Each step the network itself labels the weak view of an unlabeled
-batch (hard argmax, confidence = max softmax, voxels below the threshold tau excluded from the Dice
-sums) and learns from those pseudo-labels on
-
-- two strong views (independent intensity perturbations of the weak view), each with a CutMix box
-  (probability ``cutmix_p``) pasted from the strong views of a second unlabeled batch (the mix
-  source): image-level perturbation, L_ip = L_s1 + L_s2;
-- weak and strong channel-dropout perturbations of every encoder output (all skips and the
-  bottleneck, independent masks per feature map), decoded by the one shared decoder: the clean
-  weak-view prediction teaches the dropout streams of the weak view and of strong view 2 (L_tkd, 4
-  terms), and the dropout streams of the weak view teach the same-strength dropout streams of strong
-  view 2 (L_dkd, 2 terms); L_kd = (1 - eta) L_tkd + eta L_dkd.
-
-Inside a CutMix box the pseudo-labels and confidences come from the mix source's own predictions
-(the same box cuts images, labels and confidences), including those of the dropout streams, which
-come from a no-grad dropout pass on the mix source (the released code's corrected behaviour, HEAD
-``59772e0``; ``fp_labels_from_mix_source = False`` gives the paper-time bug).
-
-Loss (the released code at HEAD)::
-
-    total = (sup_loss_scale * L_nnU-Net + w_s1 L_s1 + w_s2 L_s2 + w_kd L_kd) / loss_divisor
-
-with ``sup_loss_scale = 0.5`` (nnU-Net's loss is CE + Dice, the released code's L_sup is
-(CE + Dice) / 2), w_s1 = w_s2 = 0.25, loss_divisor = 2 and ``weight_kd = None`` meaning 0.5 for 2D
-configurations (the ACDC code, 2D U-Net) and 1.0 for 3D ones (the LA code, V-Net): each
-dimensionality gets the weighting the authors released for it. ``CrossMatchTrainer_paper`` is the
-paper-time recipe (w = 0.5, 0.5, 1, divisor 3, tau 0.85). The unsupervised terms are also multiplied
-by the base's ``unsup_weight_now()`` (1 by default: the released code has no ramp-up).
-
-Scale: with ``keep_nnunet_loss_scale = True`` (default) the total is multiplied by
-loss_divisor / sup_loss_scale, so the supervised term is exactly nnU-Net's loss and every ratio between
-the terms is the released code's (sup : L_s1 : L_s2 : L_kd = 1 : 0.5 : 0.5 : 2 w_kd at HEAD). The
-absolute scale of the released code (supervised gradient 1/4 of (CE + Dice)) belongs to its own
-optimiser (SGD momentum 0.9 / AdamW); nnU-Net's SGD (momentum 0.99, poly LR from 0.01) is tuned for its
-own loss scale, and a 4x smaller supervised gradient would put the method at a disadvantage against
-nnU-Net's supervised trainer for reasons unrelated to the method. ``False`` gives the code's absolute
-scale.
-
-Threshold: fixed ``tau = 0.95`` (ACDC) by default; ``tau_schedule = 'annealed'`` reproduces the LA
-code, tau_t = (tau0 + (1 - tau0) sigmoid_rampup(t - 1, T)) ln 2 with raw tau0 at step 0. The LA
-code ramps over 17000 iterations but trains 14000 (9000 at paper time); nnU-Net budgets vary, so T
-is ``tau_anneal_fraction`` x all training steps (17000 / 14000 by default, so the end value is the
-LA code's). ``CrossMatchTrainer_annealedTau`` is that recipe (tau0 0.75, as HEAD's train.sh).
-
-Defaults and released recipe: ``CrossMatchTrainer_released`` is the released code's recipe described
-above. ``CrossMatchTrainer`` (the default) keeps its passes, views, weights and threshold but makes every
-unsupervised term nnU-Net's loss form on the pseudo-label (CE + foreground Dice over the classes present
-in the kept pseudo-label, ``unsup_ce_weight``, ``dice_include_background``, ``dice_skip_absent_classes``)
-and starts it after the base's supervised warm-up gate with a ramp (``warmup_iters``,
-``warmup_pseudo_dice``, ``rampup_iters``). Early pseudo-labels are confident all-background maps, and
-the code's Dice can then hold a run at zero foreground (measured, see benchmarks/RESULTS.md).
-``CrossMatchTrainer_rampUp`` and ``CrossMatchTrainer_presentClassDice`` are the released recipe with one
-of those changes each. ``match_full_resolution_ratio`` scales the unsupervised terms by nnU-Net's
-deep-supervision weight of the full-resolution output (the released code has no deep supervision).
-
-Dice (soft Dice on softmax against the hard pseudo-label, sums over batch and space, squared
-denominators as the released V-Net/UNet Dice): ``dice_include_background = None`` means all classes
-averaged (the ACDC code) when there are more than two classes and the foreground only (the LA code)
-for binary problems; ``dice_smooth = None`` means 1e-4 (ACDC) or 1e-5 (LA) by the same rule.
-Voxels outside the image (nnU-Net's padding, ``UnlabeledBatch.valid``) are excluded as well
-(``mask_padding``).
-
-Deep supervision stays on: nnU-Net's loss uses every DS output of the labeled part; all
-unsupervised terms act on the full-resolution outputs only (the released code has no DS).
-
-Forward passes per step (B_l labeled, B_u unlabeled patches per rank; encoder / decoder batch):
-
-1. no grad, mix source: encoder on m_w (B_u), one decoder call on its clean, weak-dropout and
-   strong-dropout streams (3 B_u). The released code runs a plain pass on m_w plus a ``need_fp``
-   pass on [x; m_w]; with nnU-Net's instance norm and no built-in dropout the clean stream here is
-   the same prediction, so one pass does both and x is not re-run. Only the samples whose CutMix box
-   is not empty are run (see ``mix_source_predictions``): on average 3/4 of the clean and 1/2 of the
-   dropout streams with ``cutmix_p = 0.5``. Under DDP with batch norm (SyncBatchNorm) every sample is
-   run, so that all ranks call the same collectives (``mix_source_on_every_sample``).
-2. with grad, one call of the (DDP-wrapped) network: encoder on [x; u_s1; u_s2; u_w]
-   (B_l + 3 B_u), one decoder call on the clean streams of x, u_s1, u_s2 plus the weak- and
-   strong-dropout streams of u_s2 and u_w (B_l + 6 B_u). The clean stream of u_w only makes
-   pseudo-labels (no loss takes its gradient), so it is decoded in a second call without autograd
-   (B_u): the released code back-propagates zeros through it.
-
-That is at most B_l + 4 B_u encoder and B_l + 10 B_u decoder samples (on average B_l + 3.75 B_u and
-B_l + 8.75 B_u), of which B_l + 3 B_u and B_l + 6 B_u keep activations for the backward (the released
-code: 2 B_l + 5 B_u and 2 B_l + 11 B_u, all but B_u with autograd). ``single_student_pass = False``
-splits pass 2 into the released code's two calls, [x; u_w] and [u_s1; u_s2] (identical results with
-instance norm; differs with batch norm).
-
-Network, DDP and compile: ``build_network_architecture`` returns nnU-Net's network (PlainConvUNet,
-ResidualEncoderUNet, ...) with its class swapped to a subclass that mixes in
-:class:`~nnunet_semi.networks.feature_perturbation.FeaturePerturbationUNet`: the modules, state-dict keys and weights are the plain network's,
-``forward(x)`` is the plain forward (a single tensor with DS off), so stock ``nnUNetv2_predict``
-and ``load_state_dict(strict=True)`` work, and ``forward(x, fp_from=k)`` adds the dropout streams.
-Every student stream runs through ``self.network(...)``, i.e. the DDP wrapper's forward, and every
-parameter gets a gradient each step (the labeled part uses all DS heads; nnU-Net itself weights the
-lowest one 1e-6 instead of 0 under DDP for this), so DDP needs no ``find_unused_parameters``. The
-forward has no data-dependent Python control flow (dropout is a tensor op, CutMix happens outside
-the network), so nnU-Net's ``torch.compile`` stays enabled (``_do_i_compile`` is not overridden;
-checked with inductor on CPU: no graph break, one graph per call signature: fp grad pass, fp no-grad pass,
-plain forward with and without DS; ``torch._dynamo.explain`` shows no break with ``clean_no_grad`` either).
-The mix-source pass runs 1 to B_u samples, so dynamo recompiles it once with a dynamic batch dimension.
-A subclass that changes the architecture must pass its network through :func:`add_feature_perturbation`.
+One network, no teacher: each step the network labels the weak view of an unlabeled batch (hard argmax,
+voxels below the confidence threshold tau left out) and learns from those pseudo-labels on two strong,
+CutMix-ed views (image-level perturbation) and on weak/strong channel-dropout streams of every encoder
+output (feature-level perturbation, :mod:`nnunet_semi.networks.feature_perturbation`), with
+teacher-to-decoder and decoder-to-decoder distillation. ``CrossMatchTrainer_released`` is the released
+code's recipe; ``CrossMatchTrainer`` (the default) makes every unsupervised term nnU-Net's loss form on the
+pseudo-label and starts it after the base's supervised warm-up. The loss, its scale against nnU-Net's,
+the threshold schedules, the variants, the forward passes per step and the DDP/compile notes are in
+``docs/crossmatch.md``; the measurements behind the defaults in ``benchmarks/RESULTS.md``.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import torch
@@ -124,31 +34,53 @@ LOG_TERMS = ("loss_sup", "loss_s1", "loss_s2", "loss_tkd", "loss_dkd", "pl_confi
 DiceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def crossmatch_unsupervised_terms(p_w: torch.Tensor, p_w_weak: torch.Tensor, p_w_strong: torch.Tensor,
-                                  p_s1: torch.Tensor, p_s2: torch.Tensor, p_s2_weak: torch.Tensor,
-                                  p_s2_strong: torch.Tensor, mix: torch.Tensor, mix_weak: Optional[torch.Tensor],
-                                  mix_strong: Optional[torch.Tensor], box1: torch.Tensor, box2: torch.Tensor,
-                                  tau: float, dice: DiceFn, valid: Optional[torch.Tensor] = None,
-                                  valid_mix: Optional[torch.Tensor] = None, temperature: float = 1.0
-                                  ) -> Dict[str, torch.Tensor]:
-    """CrossMatch's unsupervised terms from full-resolution logits (B, C, *spatial).
+@dataclass
+class StudentStreams:
+    """Full-resolution logits (B, C, *spatial) of one step's student streams: the clean weak view and its
+    weak/strong dropout streams, the two clean strong views (already CutMix-ed with the mix source's) and
+    the dropout streams of strong view 2."""
+    weak: torch.Tensor
+    weak_fp_weak: torch.Tensor
+    weak_fp_strong: torch.Tensor
+    strong1: torch.Tensor
+    strong2: torch.Tensor
+    strong2_fp_weak: torch.Tensor
+    strong2_fp_strong: torch.Tensor
 
-    ``p_w`` (clean weak view), ``p_w_weak``/``p_w_strong`` (its dropout streams), ``p_s1``/``p_s2``
-    (clean strong views, already CutMix-ed with ``box1``/``box2``), ``p_s2_weak``/``p_s2_strong``
-    (dropout streams of strong view 2); ``mix``, ``mix_weak``, ``mix_strong`` are the mix source's
-    no-grad clean and dropout-stream logits (``mix_weak``/``mix_strong`` None: the paper-time code,
-    dropout-stream labels inside box 2 from the same image). ``dice(logits, target, keep)`` is the
-    masked Dice loss; ``keep`` = confidence >= tau (and inside the image when ``valid`` /
-    ``valid_mix`` are given). Pseudo-labels come from :func:`~nnunet_semi.losses.pseudo_label`, so
-    no gradient flows into ``p_w`` or the mix-source logits through them.
+
+@dataclass
+class MixSource:
+    """The CutMix source of a step: its no-grad clean and dropout-stream logits (``fp_weak`` / ``fp_strong``
+    None: the paper-time code, dropout-stream labels inside box 2 from the same image), the boxes of the two
+    strong views and its valid-voxel mask."""
+    clean: torch.Tensor
+    fp_weak: Optional[torch.Tensor]
+    fp_strong: Optional[torch.Tensor]
+    box1: torch.Tensor
+    box2: torch.Tensor
+    valid: Optional[torch.Tensor] = None
+
+
+def crossmatch_unsupervised_terms(streams: StudentStreams, mix: MixSource, tau: float, dice: DiceFn,
+                                  valid: Optional[torch.Tensor] = None, temperature: float = 1.0
+                                  ) -> Dict[str, torch.Tensor]:
+    """CrossMatch's unsupervised terms. ``dice(logits, target, keep)`` is the unsupervised loss of one
+    term; ``keep`` = confidence >= tau (and inside the image when ``valid`` and ``mix.valid`` are given).
+    Pseudo-labels come from :func:`~nnunet_semi.losses.pseudo_label`, so no gradient flows into the clean
+    weak view or the mix source through them.
 
     Returns loss_s1, loss_s2, loss_tkd (mean of 4), loss_dkd (mean of 2), pl_confidence and
     mask_ratio (mean confidence and kept fraction of the clean weak-view pseudo-label).
     """
+    p_w, p_w_weak, p_w_strong = streams.weak, streams.weak_fp_weak, streams.weak_fp_strong
+    p_s1, p_s2, p_s2_weak, p_s2_strong = streams.strong1, streams.strong2, streams.strong2_fp_weak, \
+        streams.strong2_fp_strong
+    box1, box2, valid_mix = mix.box1, mix.box2, mix.valid
+    mix_weak, mix_strong = mix.fp_weak, mix.fp_strong
     y_w, c_w = pseudo_label(p_w, temperature)
     y_ww, c_ww = pseudo_label(p_w_weak, temperature)
     y_ws, c_ws = pseudo_label(p_w_strong, temperature)
-    y_m, c_m = pseudo_label(mix, temperature)
+    y_m, c_m = pseudo_label(mix.clean, temperature)
 
     v1 = v2 = valid
     if valid is not None and valid_mix is not None:
@@ -375,9 +307,10 @@ class CrossMatchTrainer(SemiSupervisedTrainer):
         loss_sup = self.sup_loss_scale * self.loss(out_l, target)
         tau = self.tau_now()
         valid, valid_mix = (u.valid, m.valid) if self.mask_padding else (None, None)
-        terms = crossmatch_unsupervised_terms(p_w, p_w_weak, p_w_strong, p_s1, p_s2, p_s2_weak, p_s2_strong,
-                                              mix, mix_weak, mix_strong, box1, box2, tau, self.unsup_dice,
-                                              valid, valid_mix, self.temperature)
+        terms = crossmatch_unsupervised_terms(
+            StudentStreams(p_w, p_w_weak, p_w_strong, p_s1, p_s2, p_s2_weak, p_s2_strong),
+            MixSource(mix, mix_weak, mix_strong, box1, box2, valid_mix), tau, self.unsup_dice, valid,
+            self.temperature)
         loss_kd = (1.0 - self.eta) * terms["loss_tkd"] + self.eta * terms["loss_dkd"]
         loss_u = self.weight_s1 * terms["loss_s1"] + self.weight_s2 * terms["loss_s2"] + self.kd_weight * loss_kd
         if self.match_full_resolution_ratio:
