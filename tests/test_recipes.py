@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunetv2.training.logging.nnunet_logger import MetaLogger
+
 from nnunet_semi import losses
 from nnunet_semi.methods.crossmatch import CrossMatchTrainer, CrossMatchTrainer_released
 from nnunet_semi.methods.mean_teacher import MeanTeacherTrainer, MeanTeacherTrainer_released
@@ -16,15 +18,10 @@ from nnunet_semi.training import budget
 from nnunet_semi.training.base import SemiSupervisedTrainer
 
 
-class _Logger:
-    def __init__(self):
-        self.my_fantastic_logging = {"ema_fg_dice": []}
-
-
 def stub(cls, epochs: int = 10, iters: int = 100, **attrs):
     """A trainer of ``cls`` with only what the schedule needs (no plans, data or folders)."""
     tr = cls.__new__(cls)
-    tr.logger = _Logger()
+    tr.logger = MetaLogger(None, False)        # nnU-Net's own logger, as the trainers have it
     tr.current_epoch, tr._iter_in_epoch, tr.num_epochs, tr.num_iterations_per_epoch = 0, 0, epochs, iters
     tr.unsup_gate_step = None
     tr.print_to_log_file = lambda *a, **k: None
@@ -45,18 +42,18 @@ def at_step(tr, step: int):
 def test_warmup_gate_is_exactly_zero_then_follows_the_ramp():
     tr = stub(MeanTeacherTrainer, warmup_iters=250, warmup_pseudo_dice=0.5, rampup_iters=500)
     # before warmup_iters: 0 whatever the pseudo Dice
-    tr.logger.my_fantastic_logging["ema_fg_dice"] = [0.9]
+    tr.logger.local_logger.my_fantastic_logging["ema_fg_dice"] = [0.9]
     assert at_step(tr, 0) == 0.0 and at_step(tr, 249) == 0.0 and tr.unsup_gate_step is None
     # after warmup_iters but the pseudo Dice below the gate: still exactly 0
-    tr.logger.my_fantastic_logging["ema_fg_dice"] = [0.1, 0.3, 0.49]
+    tr.logger.local_logger.my_fantastic_logging["ema_fg_dice"] = [0.1, 0.3, 0.49]
     assert at_step(tr, 300) == 0.0 and at_step(tr, 399) == 0.0 and tr.unsup_gate_step is None
     # the gate opens at the first step with the pseudo Dice reached, and the ramp starts there
-    tr.logger.my_fantastic_logging["ema_fg_dice"].append(0.5)
+    tr.logger.local_logger.my_fantastic_logging["ema_fg_dice"].append(0.5)
     assert at_step(tr, 400) == pytest.approx(math.exp(-5)) and tr.unsup_gate_step == 400
     assert at_step(tr, 650) == pytest.approx(math.exp(-5 * 0.25))
     assert at_step(tr, 900) == 1.0 and at_step(tr, 999) == 1.0
     # it never closes again, even if the pseudo Dice drops
-    tr.logger.my_fantastic_logging["ema_fg_dice"].append(0.1)
+    tr.logger.local_logger.my_fantastic_logging["ema_fg_dice"].append(0.1)
     assert at_step(tr, 950) == 1.0 and tr.unsup_gate_step == 400
     assert tr.unsup_weight_now() == tr.unsup_weight * 1.0
 

@@ -251,7 +251,7 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
 
     def pseudo_dice_now(self) -> Optional[float]:
         """nnU-Net's EMA pseudo Dice after the last finished epoch (None before the first)."""
-        values = self.logger.my_fantastic_logging.get("ema_fg_dice", [])
+        values = self.logger.get_value("ema_fg_dice", step=None)   # nnU-Net's MetaLogger (or LocalLogger)
         return float(values[-1]) if values else None
 
     def update_unsup_gate(self) -> None:
