@@ -5,19 +5,28 @@ through nnU-Net's own commands, in a work folder with its own nnUNet_raw/preproc
 
 1. data: a small synthetic 3D dataset generated on the spot (:func:`nnunet_semi.synthetic.make_synthetic_dataset`;
    no download), or MSD Hippocampus converted by the project's converter (``--hippocampus DIR``:
-   a seeded subset of ``--max-cases`` image/label pairs, ``--labeled`` of them labeled, 20% held out);
+   a seeded subset of ``--max-cases`` image/label pairs, ``--labeled`` of them labeled, 20% held out).
+   The synthetic default is the ``narrow_labeled`` setting: the labeled cases come from a narrow range of
+   size and appearance (one "scanner"), the unlabeled and held-out cases from the full range, so the
+   unlabeled images carry what the labeled ones lack (``--synthetic-setting iid``: every case alike, where
+   supervised nnU-Net is already near-perfect);
 2. nnUNetv2_plan_and_preprocess (3d_fullres only) and nnUNetv2_preprocess_unlabeled;
 3. nnUNetv2_train for SupervisedBaselineTrainer (nnU-Net's trainer with the same budget) and the
    semi-supervised trainers (default MeanTeacherTrainer and CrossMatchTrainer when registered), all with
-   the same epochs x iterations, seed and fold ``all``;
+   the same epochs x iterations, seed and fold ``all``. The semi-supervised trainers' warm-up schedule is
+   scaled to this short budget (:func:`schedule_env`: ``nnUNet_semi_warmup_iters`` and
+   ``nnUNet_semi_rampup_iters`` a quarter of the iterations each, ``nnUNet_semi_warmup_pseudo_dice=none``);
+   their class defaults (250 + 500 iterations, pseudo-Dice gate 0.5) would keep the unsupervised terms at 0
+   for the whole demo;
 4. nnUNetv2_predict of the held-out imagesTs from checkpoint_final.pth;
 5. evaluation against labelsTs (Dice, Jaccard, HD95, ASD) with a table on screen and in results.md;
 6. ``demo_overview.png``: slices of a few held-out cases (image, reference, each method's prediction)
    and a bar chart of Dice per method.
 
-``--quick`` is a smoke test (tiny volumes, 2 trainers, 1 epoch x 2 iterations, no TTA): the numbers
-mean nothing, the pipeline is exercised end to end. Re-running the same command in the same folder
-reuses what is finished (data, preprocessing, trained models, predictions).
+``--quick`` is a smoke test (tiny volumes, 2 trainers, 1 epoch x 2 iterations, no TTA; no warm-up, so the
+unsupervised terms act from the first step): the numbers mean nothing, the pipeline is exercised end to
+end. Re-running the same command in the same folder reuses what is finished (data, preprocessing, trained
+models, predictions).
 """
 from __future__ import annotations
 
@@ -27,12 +36,15 @@ import os
 import shutil
 import sys
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
-#: default mode: synthetic data and budget sized to finish in about 15 minutes on a 2-core CPU
-DEFAULT = dict(shape=(24, 24, 24), n_labeled=4, n_unlabeled=16, n_test=4, epochs=8, iters=12, disable_tta=False)
+#: default mode: synthetic data (narrow-range labeled, full-range unlabeled and held-out cases) and a budget
+#: sized for a 2-core CPU
+DEFAULT = dict(shape=(24, 24, 24), n_labeled=4, n_unlabeled=16, n_test=8, epochs=8, iters=12, disable_tta=False,
+               setting="narrow_labeled")
 #: --quick: a minute or two, for the tests
-QUICK = dict(shape=(16, 16, 16), n_labeled=2, n_unlabeled=2, n_test=2, epochs=1, iters=2, disable_tta=True)
+QUICK = dict(shape=(16, 16, 16), n_labeled=2, n_unlabeled=2, n_test=2, epochs=1, iters=2, disable_tta=True,
+             setting="narrow_labeled")
 #: --hippocampus: a seeded subset of the real data and the smaller _cpu configuration
 HIPPOCAMPUS = dict(max_cases=40, labeled=4, epochs=5, iters=12, quick_max_cases=12)
 SYNTHETIC_ID, SYNTHETIC_NAME = 991, "SemiDemo"
@@ -43,13 +55,57 @@ SETTINGS_FILE = "demo_settings.json"
 PICTURE = "demo_overview.png"
 
 
+def schedule_env(epochs: int, iters: int) -> Dict[str, str]:
+    """The semi-supervised trainers' warm-up schedule scaled to the demo's budget: supervised-only for the first
+    quarter of the iterations (no pseudo-Dice gate, so the time is fixed), then a sigmoid ramp-up over the next
+    quarter. The class defaults (250 + 500 iterations, gate 0.5) are sized for nnU-Net's 250000 iterations."""
+    quarter = (int(epochs) * int(iters)) // 4
+    return {"nnUNet_semi_warmup_iters": str(quarter), "nnUNet_semi_warmup_pseudo_dice": "none",
+            "nnUNet_semi_rampup_iters": str(quarter)}
+
+
+def demo_benchmark(settings, schedule: Mapping[str, str], **kwargs):
+    """The benchmark harness with the demo's warm-up schedule (:func:`schedule_env`) added to the environment
+    of its trainings (the benchmark itself keeps the trainers' class defaults)."""
+    from nnunet_semi.benchmarking import Benchmark
+
+    class DemoBenchmark(Benchmark):
+        def budget_env(self, seed):
+            return {**super().budget_env(seed), **schedule}
+
+    return DemoBenchmark(settings, **kwargs)
+
+
+def summarize_synthetic(folder: str) -> List[str]:
+    """One line per group (labeled / unlabeled / test) with the ranges of the cases' drawn parameters, from
+    the ``synthetic_cases.json`` of a ``narrow_labeled`` dataset (empty if there is none)."""
+    from nnunet_semi.synthetic import CASES_FILE
+    path = os.path.join(folder, CASES_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        cases = json.load(f)["cases"]
+    lines = []
+    for group in ("labeled", "unlabeled", "test"):
+        ps = [p for p in cases.values() if p["group"] == group]
+        if not ps:
+            continue
+
+        def rng(values, fmt="{:.2f}"):
+            return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
+        lines.append(f"{group} ({len(ps)}): semi-axes {rng([r for p in ps for r in p['radius']], '{:.1f}')} voxels, "
+                     f"shell contrast {rng([p['shell_contrast'] for p in ps])} x background, "
+                     f"noise {rng([p['noise'] for p in ps])}, bias field ±{rng([p['bias'] for p in ps])}")
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nnUNetv2_semi_demo", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run semi-supervised nnU-Net trainers and nnU-Net's supervised reference end to end on CPU "
                     "(generate/convert, plan and preprocess, train with the same budget, predict the held-out cases, "
                     "evaluate, draw demo_overview.png).",
-        epilog="examples:\n  nnUNetv2_semi_demo                       # synthetic data, about 15 min on 2 CPU cores\n"
+        epilog="examples:\n  nnUNetv2_semi_demo                       # synthetic data, about 15 min on 2 busy CPU cores\n"
                "  nnUNetv2_semi_demo --quick               # smoke test, a minute or two\n"
                "  nnUNetv2_semi_demo --hippocampus ../shared/data/hippocampus --labeled 4 --max-cases 40")
     p.add_argument("--out", default="./nnunet_semi_demo",
@@ -62,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hippocampus", metavar="DIR", default=None,
                    help="use MSD Hippocampus from DIR (e.g. ../shared/data/hippocampus) via the project's converter "
                         "instead of synthetic data")
+    p.add_argument("--synthetic-setting", dest="synthetic_setting", default=None, choices=("narrow_labeled", "iid"),
+                   help="synthetic data: 'narrow_labeled' (default: labeled cases from a narrow range of size and "
+                        "appearance, unlabeled and held-out cases from the full range) or 'iid' (every case alike)")
     p.add_argument("--labeled", type=int, default=None,
                    help=f"labeled cases (synthetic default {DEFAULT['n_labeled']}, hippocampus {HIPPOCAMPUS['labeled']})")
     p.add_argument("--max-cases", type=int, default=None,
@@ -230,6 +289,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     epochs = args.epochs or base["epochs"]
     iters = args.iters or base["iters"]
     disable_tta = args.disable_tta or base["disable_tta"]
+    synthetic_setting = None if args.hippocampus else (args.synthetic_setting or base["setting"])
+    schedule = schedule_env(epochs, iters)
     plans_config = args.plans_config if args.plans_config is not None else bool(args.hippocampus)
     max_cases = args.max_cases or (HIPPOCAMPUS["quick_max_cases"] if quick else HIPPOCAMPUS["max_cases"])
     dataset_id = args.dataset_id or (HIPPOCAMPUS_ID if args.hippocampus else SYNTHETIC_ID)
@@ -243,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     paths = _demo_paths(args, out)
     os.environ.update(paths)  # before nnU-Net is imported in this process (it reads them at import time)
-    from nnunet_semi.benchmarking import (BASELINE, Benchmark, BenchmarkError, BenchmarkSettings, fmt_seconds,
+    from nnunet_semi.benchmarking import (BASELINE, BenchmarkError, BenchmarkSettings, fmt_seconds,
                                           registered_trainers, reset_clock, results_table, say)
     reset_clock()
 
@@ -256,7 +317,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     demo_settings = {"mode": mode, "hippocampus": os.path.abspath(args.hippocampus) if args.hippocampus else None,
                      "labeled": args.labeled, "max_cases": max_cases if args.hippocampus else None,
-                     "dataset_id": dataset_id,
+                     "dataset_id": dataset_id, "synthetic_setting": synthetic_setting, "schedule": schedule,
                      "configuration": args.configuration, "plans_config": plans_config, "epochs": epochs,
                      "iters": iters, "seed": args.seed, "disable_tta": disable_tta, "device": args.device,
                      "paths": paths}
@@ -279,6 +340,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stages = Stages(5)
     say(f"nnunet-semi demo ({mode} mode): trainers {', '.join(trainers)}; {epochs} epochs x {iters} iterations "
         f"each on {args.device}; work folder {out}")
+    say("warm-up schedule of the semi-supervised trainers, scaled to this budget: "
+        + " ".join(f"{k}={v}" for k, v in schedule.items()))
     try:
         # 1. data ------------------------------------------------------------------------------
         stages.next("data")
@@ -303,16 +366,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             n_lab = args.labeled or base["n_labeled"]
             folder = make_synthetic_dataset(raw_root, dataset_id, SYNTHETIC_NAME, n_labeled=n_lab,
                                             n_unlabeled=base["n_unlabeled"], n_test=base["n_test"],
-                                            shape=base["shape"], seed=args.seed)
-            say(f"generated {folder}: {n_lab} labeled, {base['n_unlabeled']} unlabeled (labels withheld), "
-                f"{base['n_test']} held-out cases of {'x'.join(map(str, base['shape']))} voxels")
+                                            shape=base["shape"], seed=args.seed, setting=synthetic_setting)
+            say(f"generated {folder} (setting {synthetic_setting}): {n_lab} labeled, {base['n_unlabeled']} unlabeled "
+                f"(labels withheld), {base['n_test']} held-out cases of {'x'.join(map(str, base['shape']))} voxels")
+            for line in summarize_synthetic(folder):
+                say("  " + line)
 
         settings = BenchmarkSettings(
             dataset=str(dataset_id), out=out, configuration=args.configuration, trainers=trainers, seeds=[args.seed],
             epochs=epochs, iters=iters, val_iters=1 if quick else None, device=args.device, disable_tta=disable_tta,
             plans_config=plans_config, verify_integrity=not quick, raw=paths["nnUNet_raw"],
             preprocessed=paths["nnUNet_preprocessed"], results_template=paths["nnUNet_results"])
-        bench = Benchmark(settings, verbose_commands=True)
+        bench = demo_benchmark(settings, schedule, verbose_commands=True)
         bench.select_cases()
 
         # 2. + 3. preprocessing ----------------------------------------------------------------
@@ -347,7 +412,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stages.next("picture")
         preds = {t: bench.pred_dir(t, args.seed) for t in trainers if t in agg["methods"]}
         picture = draw_overview(bench.raw_folder, bench.cases, preds, agg, os.path.join(out, PICTURE),
-                                bench.file_ending, title=f"{bench.dataset_name}: {epochs} epochs x {iters} iterations "
+                                bench.file_ending, title=f"{bench.dataset_name}"
+                                                         f"{f' ({synthetic_setting})' if synthetic_setting else ''}: "
+                                                         f"{epochs} epochs x {iters} iterations "
                                                          f"per method, {args.configuration}"
                                                          f"{'_cpu' if plans_config else ''}, seed {args.seed}")
         stages.close()
