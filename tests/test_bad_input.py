@@ -100,6 +100,22 @@ def test_unlabeled_image_with_other_dimensionality(prepared):
     assert no_output(pre)
 
 
+def test_truncated_unlabeled_image(prepared):
+    """The first 300 bytes of a ~120 KB .nii.gz: SimpleITK alone would read an almost all-zero volume."""
+    name, raw, pre = clone(prepared)
+    path = os.path.join(raw, "imagesUnlabeled", "cut_0000.nii.gz")
+    write(np.random.rand(32, 32, 32).astype(np.float32), path)
+    data = open(path, "rb").read()
+    assert len(data) > 100_000
+    open(path, "wb").write(data[:300])
+    split = json.load(open(os.path.join(raw, "splits_semi.json")))
+    split["unlabeled"].append("cut")
+    json.dump(split, open(os.path.join(raw, "splits_semi.json"), "w"))
+    p = preprocess(prepared, name)
+    assert_error(p, "cut_0000.nii.gz", "unlabeled case 'cut'", "truncated or corrupt", "Copy or export the file again")
+    assert no_output(pre) and not os.path.exists(os.path.join(pre, "case_metadata.json"))
+
+
 def test_empty_unlabeled_set(prepared):
     name, raw, pre = clone(prepared)
     os.remove(os.path.join(raw, "splits_semi.json"))

@@ -210,14 +210,16 @@ def test_checks_name_the_case(tmp_path):
     from nnunet_semi.conversion.common import read_sitk
     with pytest.raises(ConversionError, match="case c5: cannot read .*broken.nii.gz"):
         read_sitk(str(bad), "c5")
-    # a failed case leaves nothing behind; a correct one is written with the spacing in x,y,z order
+    # a failed case leaves nothing behind; a correct one is written (into the temporary folder until
+    # finish) with the spacing in x,y,z order
     w.add_labeled("ok", np.zeros((4, 5, 6), np.float32), np.ones((4, 5, 6), np.uint8), spacing=(0.5, 1, 2))
-    assert os.listdir(os.path.join(w.folder, "imagesTr")) == ["ok_0000.nii.gz"]
-    im = sitk.ReadImage(os.path.join(w.folder, "imagesTr", "ok_0000.nii.gz"))
+    assert os.listdir(os.path.join(w.staging, "imagesTr")) == ["ok_0000.nii.gz"]
+    im = sitk.ReadImage(os.path.join(w.staging, "imagesTr", "ok_0000.nii.gz"))
     assert im.GetSize() == (4, 5, 6) and im.GetSpacing() == (0.5, 1.0, 2.0)
-    # the split must match what was written
+    # the split must match what was written; a failed finish removes the temporary folder, writes nothing
     with pytest.raises(ConversionError, match="group 'unlabeled'"):
         w.finish(SemiSplit(labeled=["ok"], unlabeled=["ghost"]))
+    assert os.listdir(str(tmp_path)) == ["broken.nii.gz"]
 
 
 def test_case_helpers(tmp_path, capsys):
@@ -240,7 +242,7 @@ def test_case_helpers(tmp_path, capsys):
     split = SemiSplit(labeled=["l1", "l2"], unlabeled=["u1", "u2"], test=["t1"], val=["v1"], setting="s")
     assert split_groups(split) == [("l1", "labeled"), ("l2", "labeled"), ("u1", "unlabeled"), ("u2", "unlabeled"),
                                    ("v1", "val"), ("t1", "test")]
-    img = np.zeros((4, 5, 6), np.float32)
+    img = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)  # not constant: input images are checked
     for case in ("l1", "l2", "u1", "u2", "v1"):
         write_nii(str(src / "img" / f"{case}.nii.gz"), img)
     for case in ("l1", "u2", "t1"):
@@ -263,7 +265,7 @@ def test_case_helpers(tmp_path, capsys):
     # add_case dispatches by group
     w.add_case("v2", "val", img, np.zeros((4, 5, 6), np.uint8), spacing=(1, 1, 1))
     w.add_case("t2", "test", img, spacing=(1, 1, 1))
-    assert w.val == ["v2"] and w.test == ["t2"] and os.path.isfile(os.path.join(w.folder, "labelsTs", "v2.nii.gz"))
+    assert w.val == ["v2"] and w.test == ["t2"] and os.path.isfile(os.path.join(w.staging, "labelsTs", "v2.nii.gz"))
     with pytest.raises(ValueError, match="group must be one of"):
         w.add_case("x", "train", img, spacing=(1, 1, 1))
 

@@ -314,3 +314,23 @@ def test_acdc_nifti_slice_count_check(tmp_path):
     _write_patient(src, "099", 1, 12, 5)  # 10 slices, SSL4MIS counts 32 for patient099
     rc, _, err = capture(acdc.convert, ["-i", src, "-o", str(tmp_path / "raw"), "--labeled", "1"])
     assert rc == 1 and "patient099: 10 slices over both frames" in err
+
+
+def test_absent_labeled_cases_warn(tmp_path):
+    """Both converters run on the shared per-case loop: an absent listed case is skipped with one line, an
+    absent labeled one also gives the shared WARNING, and the split lists only the cases written."""
+    la_src = tmp_path / "la"
+    for i, c in enumerate(la.TRAIN_IDS[:3]):
+        _write_nrrd_case(str(la_src / c), (6, 5, 4), i)
+    rc, out, err = capture(la.convert, ["-i", str(la_src), "-o", str(tmp_path / "raw"), "--labeled", "4"])
+    assert rc == 0, err
+    assert f"WARNING: 1 labeled case(s) of setting 4_labeled are absent ({la.TRAIN_IDS[3]})" in out
+    assert SemiSplit.load(str(tmp_path / "raw" / "Dataset028_LeftAtrium")).labeled == list(la.TRAIN_IDS[:3])
+    acdc_src = str(tmp_path / "ACDC")
+    _write_patient(acdc_src, "099", 1, 12, 16)
+    rc, out, err = capture(acdc.convert, ["-i", acdc_src, "-o", str(tmp_path / "raw"), "--labeled", "2"])
+    assert rc == 0, err
+    assert ("WARNING: 2 labeled case(s) of setting 2_labeled are absent (patient038_frame01, patient038_frame02)"
+            in out)
+    split = SemiSplit.load(str(tmp_path / "raw" / "Dataset027_ACDC"))
+    assert split.labeled == ["patient099_frame01", "patient099_frame02"] and split.unlabeled == []

@@ -44,8 +44,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nnunet_semi.conversion.common import (ConversionError, RawDatasetWriter, make_parser, parse_args,
-                                           read_list, read_sitk, restrict_split, run_main)
+from nnunet_semi.conversion.common import (CaseAbsent, ConversionError, RawDatasetWriter, check_image_voxels,
+                                           make_parser, parse_args, read_list, read_sitk, restrict_split, run_main,
+                                           warn_absent_labeled, write_split)
 from nnunet_semi.layout import SemiSplit
 
 DEFAULT_DATASET_ID = 27
@@ -134,11 +135,12 @@ class H5Source:
         return image, label
 
     def read(self, case: str):
-        """(image zyx, label zyx or None, number of slices)."""
+        """(image zyx, label zyx or None); the image checked with :func:`check_image_voxels`."""
         if case in self.volumes:
             image, label = self._read(self.volumes[case], case)
             if image.ndim != 3:
                 raise ConversionError(f"case {case}: {self.volumes[case]} holds a {image.ndim}D image; 3D expected.")
+            check_image_voxels(image, case, self.volumes[case])
             return image, label
         slices = self.slices[case]
         ks = sorted(slices)
@@ -160,7 +162,9 @@ class H5Source:
                 raise ConversionError(f"case {case}: {slices[k]} has no 'label' dataset.")
             imgs.append(im)
             labs.append(lb)
-        return np.stack(imgs, 0), np.stack(labs, 0)
+        image = np.stack(imgs, 0)
+        check_image_voxels(image, case, os.path.join(os.path.dirname(slices[ks[0]]), f"{case}_slice_*.h5"))
+        return image, np.stack(labs, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +238,7 @@ class NiftiSource:
     def read(self, case: str):
         img_path, gt_path = self._frame_files(case)
         image = read_sitk(img_path, case)
-        label = read_sitk(gt_path, case) if os.path.isfile(gt_path) else None
+        label = read_sitk(gt_path, case, label=True) if os.path.isfile(gt_path) else None
         return image, label
 
 
@@ -310,48 +314,41 @@ def convert(argv=None) -> str:
               f"files); lists: {list_src}; spacing assigned: {tuple(args.h5_spacing)} mm (x,y,z)")
     else:
         print(f"input {args.input}: ACDC NIfTI layout ({len(src.patient_dirs)} patient folders); lists: {list_src}")
-    writer = RawDatasetWriter(args.output_root, args.dataset_id, DATASET_NAME, CHANNEL_NAMES, LABELS,
-                              overwrite=args.overwrite,
-                              description=f"ACDC, {layout} layout, SSL4MIS split (nnunet_semi)"
-                                          + (f"; spacing {tuple(args.h5_spacing)} mm assigned (not stored in the h5)"
-                                             if layout == "h5" else ""),
-                              reference="Bernard et al., IEEE TMI 2018 (ACDC)", license="research use with citation",
-                              origin_dataset=DATASET_NAME)
     lab_p = set(patients[:args.labeled])
-    jobs = [(c, "labeled" if patient_of(c) in lab_p else "unlabeled") for c in train] + \
-           [(c, "val") for c in val] + [(c, "test") for c in test]
-    present, slices_per_patient = [], {}
-    for case, role in writer.progress(jobs, desc="ACDC"):
-        if not src.has(case):
-            writer.report_missing(case, src.where(case))
-            continue
-        image, label = src.read(case)
-        if layout == "h5":
-            geo = dict(spacing=tuple(args.h5_spacing), axes="zyx")
-            nz = image.shape[0]
-        else:
-            geo = {}
-            nz = image.GetSize()[2]
-        slices_per_patient[patient_of(case)] = slices_per_patient.get(patient_of(case), 0) + nz
-        if role == "labeled" and label is None:
-            raise ConversionError(f"case {case}: labeled case without label ({src.where(case)}).")
-        writer.add_case(case, role, image, label, **geo)
-        present.append(case)
-    for p, n in KNOWN_SLICE_COUNTS.items():
-        both = [f"patient{p}_frame01", f"patient{p}_frame02"]
-        if all(c in present for c in both) and slices_per_patient.get(p) != n:
-            raise ConversionError(f"patient{p}: {slices_per_patient.get(p)} slices over both frames, but SSL4MIS "
-                                  f"counts {n}; the input does not match the standard ACDC data.")
-    absent_lab = [c for c in train if patient_of(c) in lab_p and c not in present]
-    if absent_lab:
-        print(f"WARNING: labeled volumes {absent_lab[:4]} are absent; the labeled set is NOT the standard "
-              f"{args.labeled}-patient setting.")
-    split = SemiSplit(labeled=[c for c, r in jobs if r == "labeled"], unlabeled=[c for c, r in jobs if r == "unlabeled"],
-                      test=list(test), val=list(val), setting=f"{args.labeled}_labeled",
+    split = SemiSplit(labeled=[c for c in train if patient_of(c) in lab_p],
+                      unlabeled=[c for c in train if patient_of(c) not in lab_p], test=list(test), val=list(val),
+                      setting=f"{args.labeled}_labeled",
                       notes=f"ACDC, SSL4MIS split: labeled = both frames of the first {args.labeled} patients of "
                             f"train.list; lists from {list_src}")
-    std = {k: restrict_split(s, present) for k, s in standard_splits(train, val, test).items()}
-    return writer.finish(restrict_split(split, present), std)
+    geometry = dict(spacing=tuple(args.h5_spacing), axes="zyx") if layout == "h5" else {}
+    slices_per_patient: Dict[str, int] = {}
+
+    def read_case(case: str, group: str):
+        if not src.has(case):
+            raise CaseAbsent(src.where(case))
+        image, label = src.read(case)
+        nz = image.shape[0] if layout == "h5" else image.GetSize()[2]
+        slices_per_patient[patient_of(case)] = slices_per_patient.get(patient_of(case), 0) + nz
+        if group == "labeled" and label is None:
+            raise ConversionError(f"case {case}: labeled case without label ({src.where(case)}).")
+        return image, label, geometry
+
+    with RawDatasetWriter(args.output_root, args.dataset_id, DATASET_NAME, CHANNEL_NAMES, LABELS,
+                          overwrite=args.overwrite,
+                          description=f"ACDC, {layout} layout, SSL4MIS split (nnunet_semi)"
+                                      + (f"; spacing {tuple(args.h5_spacing)} mm assigned (not stored in the h5)"
+                                         if layout == "h5" else ""),
+                          reference="Bernard et al., IEEE TMI 2018 (ACDC)", license="research use with citation",
+                          origin_dataset=DATASET_NAME) as writer:
+        present = write_split(writer, split, read_case, desc="ACDC")
+        for p, n in KNOWN_SLICE_COUNTS.items():
+            both = [f"patient{p}_frame01", f"patient{p}_frame02"]
+            if all(c in present for c in both) and slices_per_patient.get(p) != n:
+                raise ConversionError(f"patient{p}: {slices_per_patient.get(p)} slices over both frames, but "
+                                      f"SSL4MIS counts {n}; the input does not match the standard ACDC data.")
+        warn_absent_labeled(split, present)
+        std = {k: restrict_split(s, present) for k, s in standard_splits(train, val, test).items()}
+        return writer.finish(restrict_split(split, present), std)
 
 
 def main(argv=None) -> None:

@@ -1,106 +1,8 @@
-"""Shared machinery for the dataset converters (``nnunet_semi.conversion.<dataset>``).
+"""Shared machinery of the dataset converters (``nnunet_semi.conversion.<dataset>``).
 
 Every converter reads one public dataset layout and writes one semi-supervised raw dataset in the
-layout of :mod:`nnunet_semi.layout` (imagesTr/labelsTr, imagesUnlabeled/labelsWithheld,
-imagesTs/labelsTs, dataset.json, splits_semi.json, splits_standard/<setting>.json, case_metadata.json).
-
-API (stable; other converters build on it)
-------------------------------------------
-
-``ConversionError(RuntimeError)``
-    Bad input or refused operation. The message names the case / file / folder and the fix.
-
-``RawDatasetWriter(out_root, dataset_id, name, channel_names, labels, file_ending='.nii.gz',
-overwrite=False, origin_dataset=None, **dataset_json_extra)``
-    Creates ``<out_root>/DatasetXXX_Name/``. If that folder exists and is non-empty it raises
-    ``ConversionError`` naming it and telling to pass ``--overwrite`` (nothing is touched); with
-    ``overwrite=True`` the folder is removed first. ``channel_names`` e.g. ``{0: 'MRI'}``;
-    ``labels`` e.g. ``{'background': 0, 'LA': 1}`` (nnU-Net dataset.json conventions).
-    ``dataset_json_extra`` (description, reference, licence, release, citation, ...) goes into
-    dataset.json unchanged. ``origin_dataset`` (e.g. the converter's ``DATASET_NAME``) is recorded for
-    every written case in case_metadata.json.
-
-    Writing cases (``case`` is the nnU-Net case id, e.g. ``hippocampus_001``):
-
-    - ``add_labeled(case, image, label, spacing=None, origin=None, direction=None, axes='xyz')``
-      -> imagesTr/CASE_0000 + labelsTr/CASE
-    - ``add_unlabeled(case, image, label=None, ...)`` -> imagesUnlabeled/CASE_0000; a label that
-      exists but is withheld goes to labelsWithheld/CASE
-    - ``add_heldout(case, image, label=None, group='test'|'val', ...)`` -> imagesTs/labelsTs
-      (the split's ``val`` and ``test`` groups both live there; ``group`` only records which)
-    - ``add_case(case, group, image, label=None, **geometry)`` -> one of the three above, chosen by the
-      split group ``'labeled'``, ``'unlabeled'``, ``'test'`` or ``'val'``
-
-    Image and label arguments:
-
-    - ``image``: a numpy array (one channel), a ``SimpleITK.Image``, or a list of either, one per
-      channel (in ``channel_names`` order).
-    - ``label``: a numpy array or a ``SimpleITK.Image``; integral values only (float labels are
-      cast to uint8/uint16 after checking they are integral, see :func:`as_label_array`).
-    - **Axis convention for numpy arrays**: ``axes='xyz'`` (default) means ``array[x, y, z]``, as
-      nibabel, pynrrd (default C/F handling gives x,y,z) and the UA-MT h5 files store them;
-      ``axes='zyx'`` means ``array[z, y, x]``, as ``SimpleITK.GetArrayFromImage`` and the SSL4MIS
-      h5 volumes store them. ``spacing``, ``origin`` are ALWAYS given in (x, y, z) order (mm),
-      ``direction`` as SimpleITK's row-major 9-tuple. A numpy image needs ``spacing``; for a
-      ``SimpleITK.Image`` the geometry is taken from the image unless given.
-    - Checks (each raises ``ConversionError`` naming the case): channel/label shape mismatch,
-      spacing mismatch, label values outside ``labels``, non-integral label values, non-3D data,
-      NaN/inf in the image, a case written twice.
-
-    Reporting:
-
-    - ``report_missing(case, path)`` prints ONE line
-      ``skipped <case>: not found at <path> (withheld from this copy?)`` and counts it.
-    - ``report_skipped(case, reason)`` prints ``skipped <case>: <reason>`` and counts it (e.g. a
-      label without image).
-    - ``report_note(case, text)`` prints ``note <case>: <text>`` (not counted).
-    - ``progress(iterable, desc, total=None)``: tqdm progress bar on stderr.
-
-    ``finish(split, standard_splits=None) -> str``
-        Checks that the split's groups equal what was written (labeled == imagesTr cases,
-        unlabeled == imagesUnlabeled cases, test+val == imagesTs cases with the right group),
-        writes dataset.json with ``nnunetv2.dataset_conversion.generate_dataset_json`` (numTraining
-        = number of labeled cases), ``splits_semi.json`` (the active setting) and
-        ``splits_standard/<setting>.json`` for every entry of ``standard_splits`` (keys are file
-        name safe setting names such as ``8_labeled``; each must cover exactly the same training
-        and held-out cases), ``case_metadata.json`` when there is any (``writer.metadata``, plus
-        ``origin_dataset``), prints a summary and returns the dataset folder.
-
-    Attributes after writing: ``folder``, ``labeled``, ``unlabeled``, ``test``, ``val`` (case lists
-    in write order), ``withheld`` (unlabeled cases whose label went to labelsWithheld),
-    ``missing`` and ``skipped`` (lists of ``(case, text)``), ``metadata``: the
-    :class:`~nnunet_semi.layout.CaseMetadata` that ``finish`` writes (converters call
-    ``writer.metadata.set(case, domain=..., ...)`` and set its ``target_domain``/``source_domains``).
-
-Helpers
-    - ``read_sitk(path, case)``: SimpleITK read; an unreadable file raises ``ConversionError``
-      naming case and path.
-    - ``as_label_array(arr, case, where)``: checks integral values and casts to uint8 (uint16 if
-      needed).
-    - ``restrict_split(split, present)``: the split with every case not in ``present`` dropped
-      (for copies of a dataset where listed cases are withheld); the number dropped is appended
-      to its notes.
-    - ``read_list(path)``: non-empty, stripped lines of a list file.
-    - ``split_groups(split)``: ``(case, group)`` pairs in the order labeled, unlabeled, val, test.
-    - ``find_input_folder(root, candidates, error)``: the first candidate folder (relative to ``root``
-      unless absolute) that exists, else ``ConversionError(error)`` (``{path}``, ``{root}``,
-      ``{candidates}`` are filled in).
-    - ``nifti_path(folder, stem)``: ``folder/stem.nii.gz``, or ``stem.nii`` when only that exists.
-    - ``write_cases(writer, split, locate, read=read_case_sitk, desc=...)``: the per-case loop of
-      converters that find each case's image and label file by name: ``locate(case) -> (image_path,
-      label_path)``; a missing image, or a missing label of a labeled/val/test case, is reported with
-      ``report_missing`` and skipped; an unlabeled case without label gets a note; the rest are read
-      (``read(case, image_path, label_path or None) -> (image, label)``) and written with ``add_case``.
-      Returns the cases written.
-    - ``warn_absent_labeled(split, written)``: one WARNING line when labeled cases of the split were not
-      written (the labeled set is then not the standard one).
-    - ``make_parser(description, default_dataset_id, default_labeled, labeled_help, input_help,
-      labeled_choices, labeled=True, labeled_error=...)``: argparse with ``-i/--input`` (required),
-      ``-d/--dataset-id``, ``--labeled N``, ``--overwrite``, ``-o/--output-root``; add
-      dataset-specific options to it. ``labeled=False`` (datasets whose labeled cases are set by
-      other options): ``--labeled`` is not shown and giving it is the parser error ``labeled_error``.
-    - ``parse_args(parser, argv=None)``: parses and resolves ``args.output_root`` (``-o`` or
-      ``$nnUNet_raw``; a clear parser error if neither is set).
+layout of :mod:`nnunet_semi.layout` (described there) with :class:`RawDatasetWriter`; bad input or a
+refused operation is a :class:`ConversionError` naming the case / file and the fix.
 """
 from __future__ import annotations
 
@@ -108,11 +10,14 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
+import weakref
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_semi.image_checks import ImageFileError, check_voxels, read_image
 from nnunet_semi.layout import (IMAGES_TR, IMAGES_TS, IMAGES_UNLABELED, LABELS_TR, LABELS_TS,
                                 LABELS_WITHHELD, CaseMetadata, LayoutError, SemiSplit, dataset_folder_name,
                                 image_filename, label_filename, save_standard_split)
@@ -135,12 +40,24 @@ def _say(msg: str) -> None:
     sys.stdout.flush()
 
 
-def read_sitk(path: str, case: str) -> sitk.Image:
-    """Read an image with SimpleITK; any failure raises ConversionError naming the case and file."""
+def check_image_voxels(arr, case: str, path: str) -> None:
+    """:func:`~nnunet_semi.image_checks.check_voxels` (NaN/inf voxels, a constant image) of an input
+    image read from ``path``, as a ConversionError naming the case and the file."""
+    try:
+        check_voxels(arr, path)
+    except ImageFileError as e:
+        raise ConversionError(f"case {case}: {e}") from e
+
+
+def read_sitk(path: str, case: str, label: bool = False) -> sitk.Image:
+    """Read an image with SimpleITK, the file once; an unreadable, truncated or corrupt file and, for an
+    image (not ``label``), NaN/inf voxels or a constant image raise ConversionError naming case and file."""
     if not os.path.isfile(path):
         raise ConversionError(f"case {case}: file {path} does not exist.")
     try:
-        return sitk.ReadImage(path)
+        return read_image(path, check=not label)
+    except ImageFileError as e:
+        raise ConversionError(f"case {case}: {e}") from e
     except Exception as e:  # SimpleITK raises RuntimeError with a long C++ message
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConversionError(f"case {case}: cannot read {path} ({first}). Is the file complete?") from e
@@ -167,6 +84,7 @@ def as_label_array(arr: np.ndarray, case: str, where: str = "label") -> np.ndarr
 
 
 def read_list(path: str) -> List[str]:
+    """The non-empty, stripped lines of a list file."""
     with open(path) as f:
         return [ln.strip() for ln in f if ln.strip()]
 
@@ -273,7 +191,22 @@ def _allowed_label_values(labels: dict) -> set:
 
 
 class RawDatasetWriter:
-    """Writes one semi-supervised raw dataset; see the module docstring for the API."""
+    """Writes one semi-supervised raw dataset, ``<out_root>/DatasetXXX_Name/`` (:attr:`folder`).
+
+    ``channel_names`` e.g. ``{0: 'MRI'}``, ``labels`` e.g. ``{'background': 0, 'LA': 1}`` (nnU-Net's
+    dataset.json conventions); ``dataset_json_extra`` (description, reference, ...) goes into
+    dataset.json as it is; ``origin_dataset`` is recorded for every case in case_metadata.json.
+
+    A folder that exists and is not empty is refused unless ``overwrite``, before anything is written.
+    Everything is written into a hidden temporary folder next to it (:attr:`staging`, same file
+    system), which :meth:`finish` moves into place, replacing the old dataset only then. A failed
+    :meth:`finish`, :meth:`abort`, or leaving a ``with`` block without finishing removes the temporary
+    folder and leaves the old dataset as it was: converters use ``with RawDatasetWriter(...) as writer``.
+
+    After writing: ``labeled``, ``unlabeled``, ``test``, ``val`` (cases in write order), ``withheld``
+    (unlabeled cases whose label went to labelsWithheld), ``missing`` and ``skipped`` (``(case, text)``),
+    ``metadata`` (the :class:`~nnunet_semi.layout.CaseMetadata` that :meth:`finish` writes).
+    """
 
     def __init__(self, out_root: str, dataset_id: int, name: str, channel_names: dict, labels: dict,
                  file_ending: str = ".nii.gz", overwrite: bool = False, origin_dataset: Optional[str] = None,
@@ -288,15 +221,27 @@ class RawDatasetWriter:
         self.file_ending = file_ending
         self.dataset_json_extra = dataset_json_extra
         self.origin_dataset = origin_dataset
+        self.overwrite = overwrite
         self.metadata = CaseMetadata()
         self._allowed = _allowed_label_values(self.labels)
         self.folder = os.path.join(self.out_root, dataset_folder_name(self.dataset_id, name))
-        if os.path.isdir(self.folder) and os.listdir(self.folder):
-            if not overwrite:
-                raise ConversionError(f"{self.folder} exists and is not empty; nothing was written. "
-                                      f"Pass --overwrite to delete and rewrite it, or choose another -d/--dataset-id.")
-            shutil.rmtree(self.folder)
-        elif os.path.exists(self.folder) and not os.path.isdir(self.folder):
+        self._check_target()
+        os.makedirs(self.out_root, exist_ok=True)
+        # hidden (never a DatasetXXX_ name nnU-Net would find), removed unless finish moves it into place
+        self.staging = tempfile.mkdtemp(prefix=f".{os.path.basename(self.folder)}.partial-", dir=self.out_root)
+        self._discard = weakref.finalize(self, shutil.rmtree, self.staging, True)
+        for sub in (IMAGES_TR, LABELS_TR):
+            os.makedirs(os.path.join(self.staging, sub))
+        self.labeled, self.unlabeled, self.withheld, self.test, self.val = [], [], [], [], []  # case ids
+        self.missing: List[Tuple[str, str]] = []
+        self.skipped: List[Tuple[str, str]] = []
+        self._written: Dict[str, str] = {}
+
+    def _check_target(self) -> None:
+        if os.path.isdir(self.folder) and os.listdir(self.folder) and not self.overwrite:
+            raise ConversionError(f"{self.folder} exists and is not empty; nothing was written. Pass --overwrite "
+                                  f"to replace it (once the conversion succeeded), or choose another -d/--dataset-id.")
+        if os.path.lexists(self.folder) and not os.path.isdir(self.folder):
             raise ConversionError(f"{self.folder} exists and is not a folder; remove it or choose another dataset id.")
         # other DatasetXXX_* folders with the same id would make nnU-Net's id lookup ambiguous
         if os.path.isdir(self.out_root):
@@ -306,24 +251,26 @@ class RawDatasetWriter:
             if clash:
                 raise ConversionError(f"{os.path.join(self.out_root, clash[0])} already uses dataset id "
                                       f"{self.dataset_id}; nnU-Net needs unique ids. Pass another -d/--dataset-id.")
-        for sub in (IMAGES_TR, LABELS_TR):
-            os.makedirs(os.path.join(self.folder, sub), exist_ok=True)
-        self.labeled: List[str] = []
-        self.unlabeled: List[str] = []
-        self.withheld: List[str] = []
-        self.test: List[str] = []
-        self.val: List[str] = []
-        self.missing: List[Tuple[str, str]] = []
-        self.skipped: List[Tuple[str, str]] = []
-        self._written: Dict[str, str] = {}
+
+    def abort(self) -> None:
+        """Remove the temporary folder (nothing is done after :meth:`finish` succeeded)."""
+        self._discard()
+
+    def __enter__(self) -> "RawDatasetWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()
 
     # ----------------------------------------------------------------------------- reporting
     def report_missing(self, case: str, path: str) -> None:
+        """One line ``skipped CASE: not found at PATH (withheld from this copy?)``, counted in ``missing``."""
         msg = f"skipped {case}: not found at {path} (withheld from this copy?)"
         self.missing.append((case, msg))
         _say(msg)
 
     def report_skipped(self, case: str, reason: str) -> None:
+        """One line ``skipped CASE: REASON`` (e.g. a label without image), counted in ``skipped``."""
         msg = f"skipped {case}: {reason}"
         self.skipped.append((case, msg))
         _say(msg)
@@ -334,6 +281,7 @@ class RawDatasetWriter:
 
     @staticmethod
     def progress(iterable: Iterable, desc: str, total: Optional[int] = None):
+        """A tqdm progress bar on stderr."""
         from tqdm import tqdm
         return tqdm(iterable, desc=desc, total=total, file=sys.stderr, mininterval=1.0)
 
@@ -395,18 +343,25 @@ class RawDatasetWriter:
         return imgs, lab
 
     def _write(self, case, imgs, lab, img_dir, lab_dir, where):
-        os.makedirs(os.path.join(self.folder, img_dir), exist_ok=True)
+        os.makedirs(os.path.join(self.staging, img_dir), exist_ok=True)
         for i, im in enumerate(imgs):
-            sitk.WriteImage(im, os.path.join(self.folder, img_dir, image_filename(case, i, self.file_ending)),
+            sitk.WriteImage(im, os.path.join(self.staging, img_dir, image_filename(case, i, self.file_ending)),
                             useCompression=True)
         if lab is not None:
-            os.makedirs(os.path.join(self.folder, lab_dir), exist_ok=True)
-            sitk.WriteImage(lab, os.path.join(self.folder, lab_dir, label_filename(case, self.file_ending)),
+            os.makedirs(os.path.join(self.staging, lab_dir), exist_ok=True)
+            sitk.WriteImage(lab, os.path.join(self.staging, lab_dir, label_filename(case, self.file_ending)),
                             useCompression=True)
         self._written[case] = where
 
     def add_labeled(self, case: str, image, label, spacing: Optional[Sequence[float]] = None,
                     origin=None, direction=None, axes: str = "xyz") -> None:
+        """imagesTr/CASE_0000... + labelsTr/CASE. ``image``: a numpy array or ``SimpleITK.Image``, or a list
+        of them, one per channel; ``label``: integral values of ``labels`` (float labels are cast after
+        checking, :func:`as_label_array`). A numpy array is ``array[x, y, z]`` (``axes='xyz'``: nibabel,
+        pynrrd, UA-MT h5) or ``array[z, y, x]`` (``axes='zyx'``: ``sitk.GetArrayFromImage``, SSL4MIS h5) and
+        needs ``spacing``; ``spacing``/``origin`` are (x, y, z) in mm, ``direction`` SimpleITK's row-major
+        9-tuple, taken from a ``SimpleITK.Image`` unless given. Shape, spacing, label values, 3D, NaN/inf
+        and a case written twice are checked (ConversionError naming the case)."""
         if label is None:
             raise ConversionError(f"case {case}: a labeled case needs a label.")
         imgs, lab = self._prepare(case, image, label, spacing, origin, direction, axes)
@@ -415,6 +370,7 @@ class RawDatasetWriter:
 
     def add_unlabeled(self, case: str, image, label=None, spacing: Optional[Sequence[float]] = None,
                       origin=None, direction=None, axes: str = "xyz") -> None:
+        """imagesUnlabeled/CASE_0000...; a label that exists but is withheld goes to labelsWithheld/CASE."""
         imgs, lab = self._prepare(case, image, label, spacing, origin, direction, axes)
         self._write(case, imgs, lab, IMAGES_UNLABELED, LABELS_WITHHELD, "unlabeled")
         self.unlabeled.append(case)
@@ -424,6 +380,7 @@ class RawDatasetWriter:
     def add_heldout(self, case: str, image, label=None, group: str = "test",
                     spacing: Optional[Sequence[float]] = None, origin=None, direction=None,
                     axes: str = "xyz") -> None:
+        """imagesTs/labelsTs (the split's ``val`` and ``test`` groups both live there)."""
         if group not in ("test", "val"):
             raise ValueError(f"group must be 'test' or 'val', not {group!r}")
         imgs, lab = self._prepare(case, image, label, spacing, origin, direction, axes)
@@ -466,28 +423,17 @@ class RawDatasetWriter:
                     + ". (Converter bug: build the split from the cases actually written, e.g. restrict_split.)")
 
     def finish(self, split: SemiSplit, standard_splits: Optional[Dict[str, SemiSplit]] = None) -> str:
-        from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
-        self._check_split(split, "splits_semi.json", active=True)
-        for setting, s in (standard_splits or {}).items():
-            self._check_split(s, f"splits_standard/{setting}.json", active=False)
-        if not self.labeled:
-            raise ConversionError(f"{self.folder}: no labeled case was written; nnU-Net needs at least one.")
-        extra = dict(self.dataset_json_extra)
-        extra.setdefault("converted_by", "nnunet_semi.conversion")
-        extra.setdefault("license", "see the source dataset's licence")
-        generate_dataset_json(self.folder, {str(k): v for k, v in self.channel_names.items()}, dict(self.labels),
-                              num_training_cases=len(self.labeled), file_ending=self.file_ending,
-                              dataset_name=dataset_folder_name(self.dataset_id, self.name), **extra)
-        split.save(self.folder)
-        for case in self._written if self.origin_dataset else ():
-            self.metadata.cases.setdefault(case, {}).setdefault("origin_dataset", self.origin_dataset)
+        """Check that the split's groups are the cases written (``standard_splits``, keyed by settings such
+        as ``8_labeled``: the same cases), write dataset.json (numTraining = labeled cases), splits_semi.json,
+        ``splits_standard/<setting>.json``, case_metadata.json (if anything was recorded), move the dataset
+        into place and return :attr:`folder`. On failure the temporary folder is removed, the old one kept."""
         try:
-            for setting, s in (standard_splits or {}).items():
-                save_standard_split(self.folder, setting, s)
-            if self.metadata.to_json() != CaseMetadata().to_json():  # anything recorded
-                self.metadata.save(self.folder)
-        except LayoutError as e:
-            raise ConversionError(str(e)) from e
+            self._write_dataset_files(split, standard_splits)
+            self._check_target()
+            self._move_into_place()
+        except BaseException:
+            self.abort()
+            raise
         lines = [f"wrote {self.folder}",
                  f"  setting: {split.setting or '-'}" + (f" (seed {split.seed})" if split.seed is not None else ""),
                  f"  labeled   (imagesTr/labelsTr):                {len(self.labeled)}",
@@ -500,40 +446,101 @@ class RawDatasetWriter:
         _say("\n".join(lines))
         return self.folder
 
+    def _write_dataset_files(self, split: SemiSplit, standard_splits: Optional[Dict[str, SemiSplit]]) -> None:
+        from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+        self._check_split(split, "splits_semi.json", active=True)
+        for setting, s in (standard_splits or {}).items():
+            self._check_split(s, f"splits_standard/{setting}.json", active=False)
+        if not self.labeled:
+            raise ConversionError(f"{self.folder}: no labeled case was written; nnU-Net needs at least one.")
+        extra = dict(self.dataset_json_extra)
+        extra.setdefault("converted_by", "nnunet_semi.conversion")
+        extra.setdefault("license", "see the source dataset's licence")
+        generate_dataset_json(self.staging, {str(k): v for k, v in self.channel_names.items()}, dict(self.labels),
+                              num_training_cases=len(self.labeled), file_ending=self.file_ending,
+                              dataset_name=dataset_folder_name(self.dataset_id, self.name), **extra)
+        for case in self._written if self.origin_dataset else ():
+            self.metadata.cases.setdefault(case, {}).setdefault("origin_dataset", self.origin_dataset)
+        try:
+            split.save(self.staging)
+            for setting, s in (standard_splits or {}).items():
+                save_standard_split(self.staging, setting, s)
+            if self.metadata.to_json() != CaseMetadata().to_json():  # anything recorded
+                self.metadata.save(self.staging)
+        except LayoutError as e:  # named as the files will be
+            raise ConversionError(str(e).replace(self.staging, self.folder)) from e
+
+    def _move_into_place(self) -> None:
+        """Rename the temporary folder to :attr:`folder`; an existing one is renamed aside until then."""
+        old = None
+        if os.path.lexists(self.folder):
+            old = self.staging + ".replaced"
+            os.rename(self.folder, old)
+        try:
+            os.rename(self.staging, self.folder)
+        except OSError:
+            if old is not None:
+                os.rename(old, self.folder)
+            raise
+        self._discard.detach()
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
 
 def read_case_sitk(case: str, image_path: str, label_path: Optional[str]) -> Tuple[sitk.Image, Optional[sitk.Image]]:
     """Image and label (None when ``label_path`` is None) read with :func:`read_sitk`, image first."""
     image = read_sitk(image_path, case)
-    return image, (read_sitk(label_path, case) if label_path is not None else None)
+    return image, (read_sitk(label_path, case, label=True) if label_path is not None else None)
+
+
+class CaseAbsent(Exception):
+    """Raised by the ``read_case`` of :func:`write_split` for a listed case that this copy of the data
+    lacks; ``path`` is where it was looked for."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.path = path
+
+
+def write_split(writer: RawDatasetWriter, split: SemiSplit, read_case: Callable[[str, str], tuple],
+                desc: str = "converting") -> List[str]:
+    """The per-case loop of the converters: every case of ``split`` (order of :func:`split_groups`, with
+    a progress bar ``desc``) is read with ``read_case(case, group) -> (image, label, geometry)`` and
+    written with :meth:`RawDatasetWriter.add_case` (``geometry``: its keyword arguments); a case whose
+    ``read_case`` raises :class:`CaseAbsent` is reported with ``report_missing`` and skipped. Returns the
+    cases written, in write order."""
+    written: List[str] = []
+    for case, group in writer.progress(split_groups(split), desc=desc):
+        try:
+            image, label, geometry = read_case(case, group)
+        except CaseAbsent as e:
+            writer.report_missing(case, e.path)
+            continue
+        writer.add_case(case, group, image, label, **geometry)
+        written.append(case)
+    return written
 
 
 def write_cases(writer: RawDatasetWriter, split: SemiSplit, locate: Callable[[str], Tuple[str, str]],
                 read: Callable[[str, str, Optional[str]], tuple] = read_case_sitk,
                 desc: str = "converting") -> List[str]:
-    """Write every case of ``split`` (order of :func:`split_groups`, with a progress bar ``desc``) to
-    its group's place; returns the cases written, in write order.
-
-    ``locate(case) -> (image_path, label_path)``. Per case: no image file -> ``report_missing`` of the
-    image path; no label file for a labeled, val or test case -> ``report_missing`` of the label path;
-    otherwise ``read(case, image_path, label_path or None) -> (image, label)`` (default: both with
-    :func:`read_sitk`), a note for an unlabeled case without label, then :meth:`RawDatasetWriter.add_case`.
-    """
-    written: List[str] = []
-    for case, group in writer.progress(split_groups(split), desc=desc):
+    """:func:`write_split` for converters that find each case's image and label file by name:
+    ``locate(case) -> (image_path, label_path)``. No image file, or no label file for a labeled, val or
+    test case, is absent (that path is reported); otherwise ``read(case, image_path, label_path or None)
+    -> (image, label)`` (default: :func:`read_case_sitk`), with a note for an unlabeled case without label."""
+    def read_case(case: str, group: str) -> tuple:
         img_path, lab_path = locate(case)
         if not os.path.isfile(img_path):
-            writer.report_missing(case, img_path)
-            continue
+            raise CaseAbsent(img_path)
         has_label = os.path.isfile(lab_path)
         if not has_label and group != "unlabeled":
-            writer.report_missing(case, lab_path)
-            continue
+            raise CaseAbsent(lab_path)
         image, label = read(case, img_path, lab_path if has_label else None)
         if group == "unlabeled" and label is None:
             writer.report_note(case, f"no label at {lab_path}; written as unlabeled without a withheld label")
-        writer.add_case(case, group, image, label)
-        written.append(case)
-    return written
+        return image, label, {}
+
+    return write_split(writer, split, read_case, desc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,7 +550,8 @@ def make_parser(description: str, default_dataset_id: int, default_labeled: Opti
                 labeled_help: str = "number of labeled training cases", input_help: str = "input folder",
                 labeled_choices: Optional[Sequence[int]] = None, labeled: bool = True,
                 labeled_error: str = "--labeled does not apply to this dataset") -> argparse.ArgumentParser:
-    """The common options (see the module docstring). ``labeled=False``: the dataset fixes its labeled
+    """argparse with ``-i/--input`` (required), ``-d/--dataset-id``, ``--labeled N``, ``--overwrite`` and
+    ``-o/--output-root``; add dataset-specific options to it. ``labeled=False``: the dataset fixes its labeled
     cases otherwise, so ``--labeled`` is left out of the help and usage, ``args.labeled`` is None, and
     :func:`parse_args` stops with the parser error ``labeled_error`` if it is given anyway."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -557,13 +565,14 @@ def make_parser(description: str, default_dataset_id: int, default_labeled: Opti
         p.add_argument("--labeled", type=int, default=None, help=argparse.SUPPRESS)
         p.set_defaults(_labeled_error=labeled_error)
     p.add_argument("--overwrite", action="store_true",
-                   help="delete and rewrite the dataset folder if it exists (default: refuse)")
+                   help="replace the dataset folder if it exists, once the conversion succeeded (default: refuse)")
     p.add_argument("-o", "--output-root", default=None,
                    help="folder that receives DatasetXXX_Name/ (default: $nnUNet_raw)")
     return p
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse, and resolve ``args.output_root`` (``-o`` or ``$nnUNet_raw``; a parser error if neither)."""
     args = parser.parse_args(argv)
     if not args.output_root:
         args.output_root = os.environ.get("nnUNet_raw")

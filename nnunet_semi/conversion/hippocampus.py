@@ -180,39 +180,40 @@ def convert(argv=None) -> str:
         parser.error("--max-cases must be >= 1")
     layout, images, labels, missing = scan_input(args.input)
     print(f"input {args.input}: {layout} layout, {len(images)} images, {len(labels)} labels")
-    writer = RawDatasetWriter(args.output_root, args.dataset_id, DATASET_NAME, CHANNEL_NAMES, LABELS,
-                              overwrite=args.overwrite,
-                              description="MSD Task04 Hippocampus, semi-supervised split (nnunet_semi)",
-                              reference="Medical Segmentation Decathlon (Simpson et al. 2019, Antonelli et al. 2022)",
-                              license="CC BY-SA 4.0", origin_dataset=DATASET_NAME)
-    for case, path in missing:
-        writer.report_missing(case, path)
-    for case in sorted(set(labels) - set(images)):
-        writer.report_skipped(case, f"label {labels[case]} has no image ({_label_info(labels[case])}); not converted")
-    pairs = sorted(set(images) & set(labels))
-    image_only = sorted(set(images) - set(labels))
-    n_pairs = min(len(pairs), args.max_cases) if args.max_cases else len(pairs)
-    if args.num_test is not None:
-        num_test = args.num_test
-    else:
-        frac = DEFAULT_TEST_FRACTION if args.test_fraction is None else args.test_fraction
-        if not 0 <= frac < 1:
-            parser.error("--test-fraction must be in [0, 1)")
-        num_test = int(round(frac * n_pairs))
-    if num_test < 0:
-        parser.error("--num-test must be >= 0")
-    if args.num_val < 0:
-        parser.error("--num-val must be >= 0")
-    split = make_split(pairs, image_only, args.labeled, num_test, args.seed, args.max_cases, args.num_val)
-    where = dict(split_groups(split))
-    for case in writer.progress(sorted(where), desc="Hippocampus"):
-        img = read_sitk(images[case], case)
-        lab = read_sitk(labels[case], case) if case in labels else None
-        if lab is not None and lab.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-            writer.report_note(case, f"label stored as {lab.GetPixelIDTypeAsString()}, cast to uint8 after "
-                                     f"checking its values are integral")
-        writer.add_case(case, where[case], img, lab)
-    return writer.finish(split, None)
+    with RawDatasetWriter(args.output_root, args.dataset_id, DATASET_NAME, CHANNEL_NAMES, LABELS,
+                          overwrite=args.overwrite,
+                          description="MSD Task04 Hippocampus, semi-supervised split (nnunet_semi)",
+                          reference="Medical Segmentation Decathlon (Simpson et al. 2019, Antonelli et al. 2022)",
+                          license="CC BY-SA 4.0", origin_dataset=DATASET_NAME) as writer:
+        for case, path in missing:
+            writer.report_missing(case, path)
+        for case in sorted(set(labels) - set(images)):
+            writer.report_skipped(case, f"label {labels[case]} has no image ({_label_info(labels[case])}); "
+                                        f"not converted")
+        pairs = sorted(set(images) & set(labels))
+        image_only = sorted(set(images) - set(labels))
+        n_pairs = min(len(pairs), args.max_cases) if args.max_cases else len(pairs)
+        if args.num_test is not None:
+            num_test = args.num_test
+        else:
+            frac = DEFAULT_TEST_FRACTION if args.test_fraction is None else args.test_fraction
+            if not 0 <= frac < 1:
+                parser.error("--test-fraction must be in [0, 1)")
+            num_test = int(round(frac * n_pairs))
+        if num_test < 0:
+            parser.error("--num-test must be >= 0")
+        if args.num_val < 0:
+            parser.error("--num-val must be >= 0")
+        split = make_split(pairs, image_only, args.labeled, num_test, args.seed, args.max_cases, args.num_val)
+        where = dict(split_groups(split))
+        for case in writer.progress(sorted(where), desc="Hippocampus"):
+            img = read_sitk(images[case], case)
+            lab = read_sitk(labels[case], case, label=True) if case in labels else None
+            if lab is not None and lab.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+                writer.report_note(case, f"label stored as {lab.GetPixelIDTypeAsString()}, cast to uint8 after "
+                                         f"checking its values are integral")
+            writer.add_case(case, where[case], img, lab)
+        return writer.finish(split, None)
 
 
 def main(argv=None) -> None:

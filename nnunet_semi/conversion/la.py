@@ -31,8 +31,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from nnunet_semi.conversion.common import (ConversionError, RawDatasetWriter, make_parser, parse_args,
-                                           read_list, restrict_split, run_main)
+from nnunet_semi.conversion.common import (CaseAbsent, ConversionError, RawDatasetWriter, check_image_voxels,
+                                           make_parser, parse_args, read_list, restrict_split, run_main,
+                                           warn_absent_labeled, write_split)
 from nnunet_semi.layout import SemiSplit
 
 DEFAULT_DATASET_ID = 28
@@ -140,6 +141,7 @@ def read_h5_case(folder: str, case: str):
         raise
     except Exception as e:
         raise ConversionError(f"case {case}: cannot read {path} ({e}).") from e
+    check_image_voxels(image, case, path)
     return image, label, dict(spacing=H5_SPACING, axes="xyz")
 
 
@@ -177,6 +179,7 @@ def read_nrrd_case(folder: str, case: str, with_label: bool = True):
         raise ConversionError(f"case {case}: cannot read {ipath} ({e}).") from e
     if image.ndim != 3:
         raise ConversionError(f"case {case}: {ipath} is {image.ndim}D; 3D expected.")
+    check_image_voxels(image, case, ipath)
     spacing, origin, direction = _nrrd_geometry(ih, ipath, case)
     label = None
     if with_label and os.path.isfile(lpath):
@@ -229,40 +232,34 @@ def convert(argv=None) -> str:
     print(f"input {args.input}: {layout} layout, {len(cases)} case folders; lists: {list_src}")
     if not list_src.startswith("canonical") and (tuple(train) != TRAIN_IDS or tuple(test) != TEST_IDS):
         print("note: the list files differ from the canonical UA-MT lists; using the list files.")
-    writer = RawDatasetWriter(args.output_root, args.dataset_id, DATASET_NAME, CHANNEL_NAMES, LABELS,
-                              overwrite=args.overwrite,
-                              description=f"2018 LA Segmentation Challenge, {layout} layout, UA-MT split "
-                                          f"(nnunet_semi)" + (", spacing 0.625 mm isotropic assigned (not stored "
-                                                              "in the h5)" if layout == "h5" else ""),
-                              reference="Xiong et al., MedIA 2021 (2018 Atrial Segmentation Challenge)",
-                              license="research use with citation", origin_dataset=DATASET_NAME)
     listed = set(train) | set(test)
     extra = sorted(set(cases) - listed)
     if extra:
         print(f"note: {len(extra)} case folder(s) not in train.list/test.list are ignored (e.g. {extra[0]})")
-    labeled_ids = train[:args.labeled]
-    jobs = [(c, "labeled") for c in labeled_ids] + [(c, "unlabeled") for c in train[args.labeled:]] + \
-           [(c, "test") for c in test]
-    present = []
-    for case, role in writer.progress(jobs, desc="LA"):
-        if case not in cases:
-            writer.report_missing(case, os.path.join(parents[0] if len(parents) == 1 else args.input, case))
-            continue
-        kind, folder = cases[case]
-        image, label, geo = read_h5_case(folder, case) if kind == "h5" else read_nrrd_case(folder, case)
-        if role == "labeled" and label is None:
-            raise ConversionError(f"case {case}: labeled case without label in {folder}.")
-        writer.add_case(case, role, image, label, **geo)
-        present.append(case)
-    absent_labeled = [c for c in labeled_ids if c not in cases]
-    if absent_labeled:
-        print(f"WARNING: {len(absent_labeled)} of the first {args.labeled} train.list cases are absent; the "
-              f"labeled set is NOT the standard {args.labeled}-labeled setting.")
-    split = SemiSplit(labeled=labeled_ids, unlabeled=train[args.labeled:], test=test, val=[],
+    split = SemiSplit(labeled=train[:args.labeled], unlabeled=train[args.labeled:], test=test, val=[],
                       setting=f"{args.labeled}_labeled",
                       notes=f"LA, UA-MT split: labeled = first {args.labeled} of train.list; lists from {list_src}")
-    std = {k: restrict_split(s, present) for k, s in standard_splits(train, test).items()}
-    return writer.finish(restrict_split(split, present), std)
+
+    def read_case(case: str, group: str):
+        if case not in cases:
+            raise CaseAbsent(os.path.join(parents[0] if len(parents) == 1 else args.input, case))
+        kind, folder = cases[case]
+        image, label, geo = read_h5_case(folder, case) if kind == "h5" else read_nrrd_case(folder, case)
+        if group == "labeled" and label is None:
+            raise ConversionError(f"case {case}: labeled case without label in {folder}.")
+        return image, label, geo
+
+    with RawDatasetWriter(args.output_root, args.dataset_id, DATASET_NAME, CHANNEL_NAMES, LABELS,
+                          overwrite=args.overwrite,
+                          description=f"2018 LA Segmentation Challenge, {layout} layout, UA-MT split "
+                                      f"(nnunet_semi)" + (", spacing 0.625 mm isotropic assigned (not stored "
+                                                          "in the h5)" if layout == "h5" else ""),
+                          reference="Xiong et al., MedIA 2021 (2018 Atrial Segmentation Challenge)",
+                          license="research use with citation", origin_dataset=DATASET_NAME) as writer:
+        present = write_split(writer, split, read_case, desc="LA")
+        warn_absent_labeled(split, present)
+        std = {k: restrict_split(s, present) for k, s in standard_splits(train, test).items()}
+        return writer.finish(restrict_split(split, present), std)
 
 
 def main(argv=None) -> None:

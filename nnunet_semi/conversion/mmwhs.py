@@ -130,7 +130,7 @@ def _case_reader(reorient: bool, ignore_unknown: bool):
         image = read_sitk(img_path, case)
         label = None
         if lab_path is not None:
-            raw = read_sitk(lab_path, case)
+            raw = read_sitk(lab_path, case, label=True)
             label = sitk.GetImageFromArray(remap_labels(sitk.GetArrayFromImage(raw), case, ignore_unknown))
             label.CopyInformation(raw)
         if reorient:
@@ -164,25 +164,25 @@ def convert(argv: Optional[List[str]] = None) -> str:
     dirs = {"CT": _modality_dir(args.input, args.ct_dir, "ct_train", "--ct-dir"),
             "MR": _modality_dir(args.input, args.mr_dir, "mr_train", "--mr-dir")}
     setting = SETTINGS[args.setting]
-    writer = RawDatasetWriter(
-        args.output_root, args.dataset_id, f"{DATASET_NAME}_{args.setting}", {0: "zscore"}, LABELS,
-        overwrite=args.overwrite,
-        description=f"MM-WHS 2017 whole heart CT/MR, UDA {setting['source']}->{setting['target']} "
-                    f"(GenericSSL split); MYO, LAC, LVC, AA",
-        reference="https://zmiclab.github.io/zxh/0/mmwhs/",
-        license="see the MM-WHS 2017 data use terms", origin_dataset=DATASET_NAME)
-    split = standard_split(args.setting)
-    written = write_cases(writer, split,
-                          lambda case: (nifti_path(dirs[_modality(case)], f"{case}_image"),
-                                        nifti_path(dirs[_modality(case)], f"{case}_label")),
-                          read=_case_reader(not args.no_reorient, args.ignore_unknown_values),
-                          desc=f"MM-WHS {args.setting}")
-    for case in written:
-        writer.metadata.set(case, domain=_modality(case))
-    writer.metadata.target_domain, writer.metadata.source_domains = setting["target"], [setting["source"]]
-    warn_absent_labeled(split, writer.labeled)
-    active = restrict_split(split, written)
-    return writer.finish(active, {args.setting: active})
+    with RawDatasetWriter(
+            args.output_root, args.dataset_id, f"{DATASET_NAME}_{args.setting}", {0: "zscore"}, LABELS,
+            overwrite=args.overwrite,
+            description=f"MM-WHS 2017 whole heart CT/MR, UDA {setting['source']}->{setting['target']} "
+                        f"(GenericSSL split); MYO, LAC, LVC, AA",
+            reference="https://zmiclab.github.io/zxh/0/mmwhs/",
+            license="see the MM-WHS 2017 data use terms", origin_dataset=DATASET_NAME) as writer:
+        split = standard_split(args.setting)
+        written = write_cases(writer, split,
+                              lambda case: (nifti_path(dirs[_modality(case)], f"{case}_image"),
+                                            nifti_path(dirs[_modality(case)], f"{case}_label")),
+                              read=_case_reader(not args.no_reorient, args.ignore_unknown_values),
+                              desc=f"MM-WHS {args.setting}")
+        for case in written:
+            writer.metadata.set(case, domain=_modality(case))
+        writer.metadata.target_domain, writer.metadata.source_domains = setting["target"], [setting["source"]]
+        warn_absent_labeled(split, writer.labeled)
+        active = restrict_split(split, written)
+        return writer.finish(active, {args.setting: active})
 
 
 def main(argv: Optional[List[str]] = None) -> None:

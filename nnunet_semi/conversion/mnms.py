@@ -199,7 +199,7 @@ def _extract_frame(img4d: sitk.Image, t: int) -> sitk.Image:
 
 
 def _read_frames(path: str, case_prefix: str, what: str, frames: Dict[str, int]) -> Dict[str, sitk.Image]:
-    img = read_sitk(path, case_prefix)
+    img = read_sitk(path, case_prefix, label=what != "image")
     if img.GetDimension() != 4:
         raise ConversionError(f"case {case_prefix}: {path} is {img.GetDimension()}D; the M&Ms {what} is a 4D cine.")
     n_t = img.GetSize()[3]
@@ -238,73 +238,75 @@ def convert(argv: Optional[List[str]] = None) -> str:
     root = _find_root(args.input)
     csv_path = _find_csv(root, args.info_csv)
     info = read_info_csv(csv_path)
-    writer = RawDatasetWriter(
-        args.output_root, args.dataset_id, f"{DATASET_NAME}_to{args.target}", {0: "cineMRI"}, LABELS,
-        overwrite=args.overwrite,
-        description=f"M&Ms cardiac cine MRI, ED/ES frames, SemiDG split (GenericSSL): unseen vendor {args.target}",
-        reference="https://www.ub.edu/mnms/", license="see the M&Ms challenge data use terms",
-        origin_dataset=DATASET_NAME)
-    writer.metadata.target_domain = args.target
-    writer.metadata.source_domains = [v for v in VENDORS if v != args.target]
-    print(f"M&Ms: {len(info)} subjects with vendor A-D in {csv_path}")
+    with RawDatasetWriter(
+            args.output_root, args.dataset_id, f"{DATASET_NAME}_to{args.target}", {0: "cineMRI"}, LABELS,
+            overwrite=args.overwrite,
+            description=f"M&Ms cardiac cine MRI, ED/ES frames, SemiDG split (GenericSSL): unseen vendor {args.target}",
+            reference="https://www.ub.edu/mnms/", license="see the M&Ms challenge data use terms",
+            origin_dataset=DATASET_NAME) as writer:
+        writer.metadata.target_domain = args.target
+        writer.metadata.source_domains = [v for v in VENDORS if v != args.target]
+        print(f"M&Ms: {len(info)} subjects with vendor A-D in {csv_path}")
 
-    # where is each subject?
-    folders: Dict[str, str] = {}
-    unannotated: List[str] = []
-    for code in sorted(info):
-        where = [os.path.join(root, f, code) for f in ANNOTATED_FOLDERS]
-        hit = next((w for w in where if os.path.isdir(w)), None)
-        if hit is None:
-            if any(os.path.isdir(os.path.join(root, f, code)) for f in UNANNOTATED_FOLDERS):
-                unannotated.append(code)
-            else:
-                writer.report_missing(code, " or ".join(where))
-            continue
-        folders[code] = hit
-    if unannotated:
-        print(f"note: {len(unannotated)} subject(s) in {', '.join(UNANNOTATED_FOLDERS)} have no annotation "
-              f"and are not used")
-    subjects_by_vendor = {v: sorted(c for c in folders if info[c]["vendor"] == v) for v in VENDORS}
-    print("subjects per vendor: " + ", ".join(f"{v} {len(s)}" for v, s in subjects_by_vendor.items()))
+        # where is each subject?
+        folders: Dict[str, str] = {}
+        unannotated: List[str] = []
+        for code in sorted(info):
+            where = [os.path.join(root, f, code) for f in ANNOTATED_FOLDERS]
+            hit = next((w for w in where if os.path.isdir(w)), None)
+            if hit is None:
+                if any(os.path.isdir(os.path.join(root, f, code)) for f in UNANNOTATED_FOLDERS):
+                    unannotated.append(code)
+                else:
+                    writer.report_missing(code, " or ".join(where))
+                continue
+            folders[code] = hit
+        if unannotated:
+            print(f"note: {len(unannotated)} subject(s) in {', '.join(UNANNOTATED_FOLDERS)} have no annotation "
+                  f"and are not used")
+        subjects_by_vendor = {v: sorted(c for c in folders if info[c]["vendor"] == v) for v in VENDORS}
+        print("subjects per vendor: " + ", ".join(f"{v} {len(s)}" for v, s in subjects_by_vendor.items()))
 
-    labeled_by_vendor = select_labeled(args.target, args.ratio, subjects_by_vendor, args.seed)
-    for v, codes in labeled_by_vendor.items():
-        for code in codes:
-            if code not in info:
-                writer.report_missing(code, f"{csv_path} (labeled subject of vendor {v} not in the CSV)")
-            elif info[code]["vendor"] != v:
-                raise ConversionError(f"subject {code}: vendor {info[code]['vendor']} in {csv_path}, but GenericSSL "
-                                      f"lists it as a vendor-{v} subject. Is this the M&Ms information file?")
-    split = make_split(args.target, args.ratio, subjects_by_vendor, labeled_by_vendor, args.seed)
-    standard = {setting_name(args.target, r): make_split(args.target, r, subjects_by_vendor,
-                                                         select_labeled(args.target, r, subjects_by_vendor, None))
-                for r in RATIOS}
-    group_of = dict(split_groups(split))
+        labeled_by_vendor = select_labeled(args.target, args.ratio, subjects_by_vendor, args.seed)
+        for v, codes in labeled_by_vendor.items():
+            for code in codes:
+                if code not in info:
+                    writer.report_missing(code, f"{csv_path} (labeled subject of vendor {v} not in the CSV)")
+                elif info[code]["vendor"] != v:
+                    raise ConversionError(f"subject {code}: vendor {info[code]['vendor']} in {csv_path}, but "
+                                          f"GenericSSL lists it as a vendor-{v} subject. Is this the M&Ms "
+                                          f"information file?")
+        split = make_split(args.target, args.ratio, subjects_by_vendor, labeled_by_vendor, args.seed)
+        standard = {setting_name(args.target, r): make_split(args.target, r, subjects_by_vendor,
+                                                             select_labeled(args.target, r, subjects_by_vendor, None))
+                    for r in RATIOS}
+        group_of = dict(split_groups(split))
 
-    for code in writer.progress(sorted(folders, key=lambda c: (info[c]["vendor"], c)), desc=f"M&Ms to{args.target}"):
-        folder = folders[code]
-        img_path = os.path.join(folder, f"{code}_sa.nii.gz")
-        gt_path = os.path.join(folder, f"{code}_sa_gt.nii.gz")
-        missing = [p for p in (img_path, gt_path) if not os.path.isfile(p)]
-        if missing:
-            writer.report_missing(code, missing[0])
-            continue
-        frames = {p: info[code][p] for p in PHASES}
-        images = _read_frames(img_path, code, "image", frames)
-        labels = _read_frames(gt_path, code, "ground truth", frames)
-        for phase in PHASES:
-            case = f"{code}_{phase}"
-            if not np.any(sitk.GetArrayViewFromImage(labels[phase])):
-                raise ConversionError(
-                    f"case {case}: the ground truth is empty at frame {frames[phase]} ({phase} in {csv_path}); "
-                    f"annotated frames of {gt_path}: {_labeled_frames(gt_path)}.")
-            writer.add_case(case, group_of.get(case, "test"), images[phase], labels[phase])
-            writer.metadata.set(case, domain=info[code]["vendor"], vendor=info[code]["vendor"],
-                                centre=info[code]["centre"])
-    warn_absent_labeled(split, writer.labeled)
-    present = writer.labeled + writer.unlabeled + writer.test
-    active = restrict_split(split, present)
-    return writer.finish(active, {k: restrict_split(s, present) for k, s in standard.items()})
+        for code in writer.progress(sorted(folders, key=lambda c: (info[c]["vendor"], c)),
+                                    desc=f"M&Ms to{args.target}"):
+            folder = folders[code]
+            img_path = os.path.join(folder, f"{code}_sa.nii.gz")
+            gt_path = os.path.join(folder, f"{code}_sa_gt.nii.gz")
+            missing = [p for p in (img_path, gt_path) if not os.path.isfile(p)]
+            if missing:
+                writer.report_missing(code, missing[0])
+                continue
+            frames = {p: info[code][p] for p in PHASES}
+            images = _read_frames(img_path, code, "image", frames)
+            labels = _read_frames(gt_path, code, "ground truth", frames)
+            for phase in PHASES:
+                case = f"{code}_{phase}"
+                if not np.any(sitk.GetArrayViewFromImage(labels[phase])):
+                    raise ConversionError(
+                        f"case {case}: the ground truth is empty at frame {frames[phase]} ({phase} in {csv_path}); "
+                        f"annotated frames of {gt_path}: {_labeled_frames(gt_path)}.")
+                writer.add_case(case, group_of.get(case, "test"), images[phase], labels[phase])
+                writer.metadata.set(case, domain=info[code]["vendor"], vendor=info[code]["vendor"],
+                                    centre=info[code]["centre"])
+        warn_absent_labeled(split, writer.labeled)
+        present = writer.labeled + writer.unlabeled + writer.test
+        active = restrict_split(split, present)
+        return writer.finish(active, {k: restrict_split(s, present) for k, s in standard.items()})
 
 
 def main(argv: Optional[List[str]] = None) -> None:

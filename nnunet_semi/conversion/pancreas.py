@@ -121,29 +121,30 @@ def convert(argv: Optional[List[str]] = None) -> str:
     lab_dir = _folder(args.input, args.labels_dir, "--labels-dir")
     _format(args.image_pattern, 1, "--image-pattern")
     _format(args.label_pattern, 1, "--label-pattern")
-    writer = RawDatasetWriter(
-        args.output_root, args.dataset_id, DATASET_NAME, {0: "CT"}, LABELS, overwrite=args.overwrite,
-        description=f"NIH Pancreas-CT (TCIA), pancreas; {args.protocol} split",
-        reference="https://www.cancerimagingarchive.net/collection/pancreas-ct/",
-        license="CC BY 3.0 (TCIA Pancreas-CT)", origin_dataset=DATASET_NAME)
-    print(f"Pancreas-CT: images from {img_dir}, labels from {lab_dir}, protocol {args.protocol}")
-    split = protocol_split(args.protocol, args.labeled)
-    number = {case_id(n): n for n in proto["train"] + proto["test"]}
+    with RawDatasetWriter(
+            args.output_root, args.dataset_id, DATASET_NAME, {0: "CT"}, LABELS, overwrite=args.overwrite,
+            description=f"NIH Pancreas-CT (TCIA), pancreas; {args.protocol} split",
+            reference="https://www.cancerimagingarchive.net/collection/pancreas-ct/",
+            license="CC BY 3.0 (TCIA Pancreas-CT)", origin_dataset=DATASET_NAME) as writer:
+        print(f"Pancreas-CT: images from {img_dir}, labels from {lab_dir}, protocol {args.protocol}")
+        split = protocol_split(args.protocol, args.labeled)
+        number = {case_id(n): n for n in proto["train"] + proto["test"]}
 
-    def locate(case: str) -> Tuple[str, str]:
-        return (os.path.join(img_dir, _format(args.image_pattern, number[case], "--image-pattern")),
-                os.path.join(lab_dir, _format(args.label_pattern, number[case], "--label-pattern")))
+        def locate(case: str) -> Tuple[str, str]:
+            return (os.path.join(img_dir, _format(args.image_pattern, number[case], "--image-pattern")),
+                    os.path.join(lab_dir, _format(args.label_pattern, number[case], "--label-pattern")))
 
-    written = write_cases(writer, split, locate, desc="Pancreas-CT")
-    warn_absent_labeled(split, writer.labeled)
-    removed = [case_id(n) for n in REMOVED_FROM_TCIA if case_id(n) in split.labeled + split.unlabeled + split.test
-               and case_id(n) not in written]
-    if removed:
-        print(f"note: {', '.join(removed)} were removed from the TCIA collection as duplicates of other scans; "
-              f"their absence is expected for TCIA-derived copies.")
-    active = restrict_split(split, written)
-    standard = {f"{k}_labeled": restrict_split(protocol_split(args.protocol, k), written) for k in proto["standard"]}
-    return writer.finish(active, standard)
+        written = write_cases(writer, split, locate, desc="Pancreas-CT")
+        warn_absent_labeled(split, writer.labeled)
+        removed = [case_id(n) for n in REMOVED_FROM_TCIA if case_id(n) in split.labeled + split.unlabeled + split.test
+                   and case_id(n) not in written]
+        if removed:
+            print(f"note: {', '.join(removed)} were removed from the TCIA collection as duplicates of other scans; "
+                  f"their absence is expected for TCIA-derived copies.")
+        active = restrict_split(split, written)
+        standard = {f"{k}_labeled": restrict_split(protocol_split(args.protocol, k), written)
+                    for k in proto["standard"]}
+        return writer.finish(active, standard)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -88,22 +88,22 @@ def convert(argv: Optional[List[str]] = None) -> str:
     args = parse_args(build_parser(), argv)
     img_dir = _resolve_dir(args.input, args.images_dir, _IMAGE_DIR_CANDIDATES, "image")
     lab_dir = _resolve_dir(args.input, args.labels_dir, _LABEL_DIR_CANDIDATES, "label")
-    writer = RawDatasetWriter(
-        args.output_root, args.dataset_id, DATASET_NAME, {0: "CT"}, LABELS, overwrite=args.overwrite,
-        description="Synapse multi-organ abdominal CT (BTCV), 13 organs; GenericSSL ImbSSL split",
-        reference="https://www.synapse.org/#!Synapse:syn3193805/wiki/217789",
-        license="see the Synapse BTCV data use terms", origin_dataset=DATASET_NAME)
-    print(f"Synapse: images from {img_dir}, labels from {lab_dir}")
-    split = standard_split()
+    with RawDatasetWriter(
+            args.output_root, args.dataset_id, DATASET_NAME, {0: "CT"}, LABELS, overwrite=args.overwrite,
+            description="Synapse multi-organ abdominal CT (BTCV), 13 organs; GenericSSL ImbSSL split",
+            reference="https://www.synapse.org/#!Synapse:syn3193805/wiki/217789",
+            license="see the Synapse BTCV data use terms", origin_dataset=DATASET_NAME) as writer:
+        print(f"Synapse: images from {img_dir}, labels from {lab_dir}")
+        split = standard_split()
 
-    def locate(case: str) -> Tuple[str, str]:
-        num = case.rsplit("_", 1)[1]  # synapse_00XX -> 00XX
-        return nifti_path(img_dir, f"img{num}"), nifti_path(lab_dir, f"label{num}")
+        def locate(case: str) -> Tuple[str, str]:
+            num = case.rsplit("_", 1)[1]  # synapse_00XX -> 00XX
+            return nifti_path(img_dir, f"img{num}"), nifti_path(lab_dir, f"label{num}")
 
-    written = write_cases(writer, split, locate, desc="Synapse")
-    warn_absent_labeled(split, writer.labeled)
-    active = restrict_split(split, written)
-    return writer.finish(active, {SETTING: active})
+        written = write_cases(writer, split, locate, desc="Synapse")
+        warn_absent_labeled(split, writer.labeled)
+        active = restrict_split(split, written)
+        return writer.finish(active, {SETTING: active})
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -2,12 +2,13 @@
 
 ``nnUNetv2_preprocess_unlabeled -d 27 -c 2d 3d_fullres`` reads the unlabeled cases the layout
 defines (``imagesUnlabeled/``, or the ``unlabeled`` list of ``splits_semi.json``), checks them against
-the dataset (channel count, file ending, dimensionality), and writes each through nnU-Net's own
-preprocessor of the configuration (same transpose, crop, resampling and normalisation as the
-labeled cases) into ``<data_identifier>_unlabeled/`` beside nnU-Net's folder. Every input is checked
-before anything is written; existing output is kept unless ``--overwrite`` is given. The raw
-dataset's ``case_metadata.json`` is validated and copied into the preprocessed dataset folder, so
-training finds it without ``nnUNet_raw`` (:func:`nnunet_semi.layout.find_case_metadata`).
+the dataset (channel count, file ending, dimensionality) and their content (one complete read of each
+file: a truncated or corrupt compressed file, NaN/inf voxels, a constant image), and writes each
+through nnU-Net's own preprocessor of the configuration (same transpose, crop, resampling and
+normalisation as the labeled cases) into ``<data_identifier>_unlabeled/`` beside nnU-Net's folder.
+Every input is checked before anything is written; existing output is kept unless ``--overwrite`` is
+given. The raw dataset's ``case_metadata.json`` is validated and copied into the preprocessed dataset
+folder, so training finds it without ``nnUNet_raw`` (:func:`nnunet_semi.layout.find_case_metadata`).
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from nnunet_semi.layout import (IMAGES_TR, LayoutError, copy_case_metadata, find_image_cases, plans_identity,
-                                read_manifest, unlabeled_cases_from_raw, unlabeled_manifest_file,
-                                unlabeled_preprocessed_folder)
+from nnunet_semi.image_checks import ImageFileError, check_voxels, read_image
+from nnunet_semi.layout import (IMAGES_TR, IMAGES_UNLABELED, SPLIT_FILE, LayoutError, copy_case_metadata,
+                                find_image_cases, plans_identity, read_manifest, unlabeled_cases_from_raw,
+                                unlabeled_manifest_file, unlabeled_preprocessed_folder)
 
 
 def _nnunet_paths():
@@ -36,36 +38,52 @@ def _nnunet_paths():
     return paths.nnUNet_raw, paths.nnUNet_preprocessed
 
 
-def _probe(files: Sequence[str], reader_cls) -> dict:
-    """Channel count and native dimensionality of one case. Uses the header only where SimpleITK can
-    read it, else the nnU-Net reader."""
-    try:
-        import SimpleITK as sitk
-        channels, dims = 0, set()
-        for f in files:
-            r = sitk.ImageFileReader()
-            r.SetFileName(f)
-            r.ReadImageInformation()
-            d = r.GetDimension()
-            comps = r.GetNumberOfComponents()
-            if d == 4:  # 4D NIfTI: last axis are channels
-                channels += r.GetSize()[3]
-                d = 3
+def _probe(files: Sequence[str], reader_cls, check: bool = False) -> dict:
+    """Channel count and native dimensionality of one case: from the headers, or with ``check`` from one
+    complete read of each file that also runs the checks of :mod:`nnunet_semi.image_checks` (a truncated
+    or corrupt compressed file, NaN/inf voxels, a constant image: :class:`ImageFileError`). SimpleITK
+    reads where it can, else the nnU-Net reader of the plans."""
+    import SimpleITK as sitk
+    channels, dims = 0, set()
+    for f in files:
+        try:
+            if check:
+                info = read_image(f, check=True)
+                comps = info.GetNumberOfComponentsPerPixel()
             else:
-                channels += comps
-            dims.add(d)
-        return {"channels": channels, "dims": dims.pop() if len(dims) == 1 else sorted(dims)}
-    except Exception:
-        data, props = reader_cls().read_images(list(files))
-        sp = props["spacing"]
-        is2d = np.isclose(sp[0], 999 * max(sp[1:])) or np.isclose(sp[0], 999)
-        return {"channels": int(data.shape[0]), "dims": 2 if is2d else 3}
+                info = sitk.ImageFileReader()
+                info.SetFileName(f)
+                info.ReadImageInformation()
+                comps = info.GetNumberOfComponents()
+        except ImageFileError:
+            raise
+        except Exception:  # a format SimpleITK cannot read
+            try:
+                data, props = reader_cls().read_images([f])
+            except Exception as e:
+                raise ImageFileError(f, f"cannot be read by SimpleITK nor {reader_cls.__name__} ({e}).",
+                                     "Is the file complete?") from e
+            if check:
+                check_voxels(data, f)
+            sp = props["spacing"]
+            channels += int(data.shape[0])
+            dims.add(2 if np.isclose(sp[0], 999 * max(sp[1:])) or np.isclose(sp[0], 999) else 3)
+            continue
+        d = info.GetDimension()
+        if d == 4:  # 4D NIfTI: last axis are channels
+            channels += info.GetSize()[3]
+            d = 3
+        else:
+            channels += comps
+        dims.add(d)
+    return {"channels": channels, "dims": dims.pop() if len(dims) == 1 else sorted(dims)}
 
 
 def check_unlabeled_cases(cases: Dict[str, List[str]], raw_dataset_folder: str, dataset_json: dict,
                           reader_cls) -> None:
-    """Every unlabeled case must have the dataset's channel count and dimensionality (compared with
-    the first labeled training image)."""
+    """Every unlabeled case must have the dataset's channel count and dimensionality (compared with the
+    header of the first labeled training image) and pass the content checks of :func:`_probe` (one
+    complete read of each file)."""
     fe = dataset_json["file_ending"]
     nch = len(dataset_json["channel_names"])
     labeled = find_image_cases(os.path.join(raw_dataset_folder, IMAGES_TR), fe, nch, strict_endings=False)
@@ -75,7 +93,12 @@ def check_unlabeled_cases(cases: Dict[str, List[str]], raw_dataset_folder: str, 
     ref_case, ref_files = next(iter(sorted(labeled.items())))
     ref = _probe(ref_files, reader_cls)
     for case, files in cases.items():
-        got = _probe(files, reader_cls)
+        try:
+            got = _probe(files, reader_cls, check=True)
+        except ImageFileError as e:
+            raise LayoutError(f"{e.path}: unlabeled case '{case}': {e.problem} {e.fix} Or remove the case from "
+                              f"{IMAGES_UNLABELED}/ (and from the 'unlabeled' list of {SPLIT_FILE}). Nothing was "
+                              f"preprocessed.") from e
         if got["channels"] != ref["channels"]:
             raise LayoutError(f"{files[0]}: unlabeled case '{case}' has {got['channels']} channel(s), the dataset "
                               f"has {ref['channels']} (dataset.json channel_names, e.g. {ref_files[0]}). Provide "

@@ -25,8 +25,9 @@ Here either ``nnUNet_semi_teacher_checkpoint=<checkpoint_final.pth>`` of a Super
 nnU-Net trainer) run of the same dataset, plans and configuration (a checkpoint of other plans,
 configuration or architecture is refused with a message naming it), or, without it, a supervised warm-up
 inside the same run: for the first ``teacher_warmup_fraction`` of the iterations only the teacher trains, on
-the labeled batch; the student starts afterwards. ``--c`` restores both networks, their optimizers and
-schedules from the checkpoint (the teacher is never re-initialised).
+the labeled batch; the student starts afterwards. ``--c`` restores both networks and both optimizers
+from the checkpoint (the teacher is never re-initialised); the LR schedules are functions of the epoch,
+rebuilt as nnU-Net's.
 
 Optimisers: ``optimizer = 'nnunet'`` (default) gives both networks nnU-Net's SGD (momentum 0.99, Nesterov,
 poly schedule from ``initial_lr``); ``'released'`` the LA code's SGD (momentum 0.9, weight decay 1e-4, lr
@@ -71,12 +72,6 @@ class IterationStepLR:
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(epoch)
 
-    def state_dict(self) -> dict:
-        return {"base_lr": self.base_lr, "iters_per_epoch": self.iters_per_epoch, "step_iters": self.step_iters,
-                "gamma": self.gamma}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.__dict__.update(state)
 
 
 def ds_targets(outputs, label: torch.Tensor) -> List[torch.Tensor]:
@@ -93,6 +88,7 @@ def flat_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tens
 
 
 class ReciprocalLearningTrainer(SemiSupervisedTrainer):
+    benchmark_default = True
     num_strong_views = 0            # student and teacher see the same augmented unlabeled batch (released)
     unlabeled_batches_per_step = 1
     #: 'nnunet' (DC+CE with deep supervision for every term) or 'ce' (released: full-resolution CE only)

@@ -5,7 +5,7 @@ A method declares them in :meth:`SemiSupervisedTrainer.build_auxiliary_modules` 
 parameter name), with their own optimizer and LR schedule or none. The base trainer moves them to the
 device, wraps the trainable ones for nnU-Net's DDP, sets their train/eval mode each epoch, steps their
 schedules, updates the EMA ones after each iteration, and saves and restores them (weights, optimizer and
-scheduler state) under the ``nnunet_semi`` checkpoint key. This module holds the pieces that need no
+its LR schedule is rebuilt, as nnU-Net's) under the ``nnunet_semi`` checkpoint key. This module holds the pieces that need no
 trainer: the spec, EMA over several sources and the checkpoint state of one module.
 """
 from __future__ import annotations
@@ -103,11 +103,11 @@ def ema_update_from(target: nn.Module, sources: Sequence[nn.Module], decay: floa
 
 
 def module_state(aux: AuxiliaryModule) -> dict:
-    """Checkpoint state of one auxiliary module: weights, and its optimizer's and scheduler's state."""
-    sched = aux.lr_scheduler
+    """Checkpoint state of one auxiliary module: its weights and its optimizer's state. Its LR schedule is,
+    as nnU-Net's own, a function of the epoch it is stepped with (rebuilt with the run's budget on ``--c``),
+    so it has no state to save: a run resumed with more epochs gets the schedule of its new length."""
     return {"weights": unwrap(aux.module).state_dict(),
-            "optimizer": aux.optimizer.state_dict() if aux.optimizer is not None else None,
-            "lr_scheduler": sched.state_dict() if sched is not None and hasattr(sched, "state_dict") else None}
+            "optimizer": aux.optimizer.state_dict() if aux.optimizer is not None else None}
 
 
 def load_module_state(aux: AuxiliaryModule, state: dict, name: str) -> None:
@@ -119,6 +119,3 @@ def load_module_state(aux: AuxiliaryModule, state: dict, name: str) -> None:
         raise RuntimeError(f"auxiliary module '{name}': the checkpoint's weights do not fit ({e})") from None
     if aux.optimizer is not None and state.get("optimizer") is not None:
         aux.optimizer.load_state_dict(state["optimizer"])
-    sched = aux.lr_scheduler
-    if sched is not None and state.get("lr_scheduler") is not None and hasattr(sched, "load_state_dict"):
-        sched.load_state_dict(state["lr_scheduler"])

@@ -132,7 +132,6 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         self._unlabeled_wait = 0.0
         #: global step at which the warm-up gate opened (None: still closed)
         self.unsup_gate_step: Optional[int] = None
-        self._grad_norm: Optional[torch.Tensor] = None
         apply_schedule_overrides(self)
         if self.warmup_iters < 0:
             raise ValueError(f"{type(self).__name__}.warmup_iters must be >= 0")
