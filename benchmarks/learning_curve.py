@@ -61,18 +61,19 @@ def mean(xs) -> float:
 
 
 def table(points: List[dict], trainer: str, threshold: float) -> str:
+    from nnunet_semi.reporting import markdown_rows
     seeds = sorted({s for p in points for s in p["dice"]})
     head = ["iterations", "epochs x iters"] + [f"seed {s}" for s in seeds] + ["mean", "gain vs previous", "train time"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    prev = None
+    rows, prev = [], None
     for p in points:
         m = mean(p["dice"].values())
         gain = "" if prev is None else f"{m - prev:+.2f}"
         t = f"{mean(p['train_s']) / 60:.1f} min" if p["train_s"] else "–"
         cells = [str(p["iterations"]), f"{p['epochs']} x {p['iters']}"]
         cells += [f"{p['dice'][s]:.2f}" if s in p["dice"] else "–" for s in seeds]
-        lines.append("| " + " | ".join(cells + [f"{m:.2f}", gain, t]) + " |")
+        rows.append(cells + [f"{m:.2f}", gain, t])
         prev = m
+    lines = markdown_rows(head, rows).split("\n")
     conv = converged_budget(points, threshold)
     key = points[0]["key"]
     lines.insert(0, f"{trainer}, {key['dataset']} {key['configuration']} ({key['plans']}), evaluated on "

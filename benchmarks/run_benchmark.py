@@ -29,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold (default 'all': train on all labeled cases; nnU-Net's per-epoch pseudo Dice and final "
                         "validation then run on training cases and are not used for anything)")
     p.add_argument("-tr", "--trainers", nargs="+", default=None,
-                   help="trainers (default: SupervisedBaselineTrainer and every registered semi-supervised trainer "
-                        "without '_' in its name); the first is listed first, the paired comparison is always "
-                        "against SupervisedBaselineTrainer when it is in the list")
+                   help="trainers (default: SupervisedBaselineTrainer and every registered trainer that declares "
+                        "benchmark_default = True, see --list-trainers); the first is listed first, the paired "
+                        "comparison is always against SupervisedBaselineTrainer when it is in the list")
     p.add_argument("-s", "--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--epochs", type=int, default=20, help="epochs per arm (nnUNet_semi_epochs, default 20)")
     p.add_argument("--iters", type=int, default=50, help="iterations per epoch (nnUNet_semi_iters, default 50)")
@@ -71,15 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "run nothing")
     p.add_argument("--report-only", action="store_true", help="only evaluate finished runs and write the report")
     p.add_argument("--reevaluate", action="store_true", help="recompute the metrics even where cached")
-    p.add_argument("--list-trainers", action="store_true", help="list the registered trainers and exit")
+    p.add_argument("--list-trainers", action="store_true",
+                   help="list the registered trainers (and which are benchmark defaults) and exit")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from nnunet_semi.benchmarking import (BenchmarkError, Benchmark, BenchmarkSettings, default_device,
-                                          default_trainers, find_dataset, is_semi_supervised, registered_trainers,
-                                          reset_clock)
+    from nnunet_semi.benchmark import (Benchmark, BenchmarkError, BenchmarkSettings, DryRunExecutor, Executor,
+                                       default_device, default_trainers, find_dataset, is_semi_supervised,
+                                       registered_trainers, reset_clock, results_table)
     if args.list_trainers:
         reg = registered_trainers()
         defaults = set(default_trainers(reg))
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
             num_processes=args.num_processes,
             n_proc_da=args.n_proc_da, def_n_proc=args.def_n_proc, raw=raw, preprocessed=pre,
             **({"results_template": os.path.abspath(args.results_dir)} if args.results_dir else {}))
-        bench = Benchmark(settings, dry_run=args.dry_run)
+        bench = Benchmark(settings, executor=DryRunExecutor() if args.dry_run else Executor())
         agg = bench.run(report_only=args.report_only, reevaluate=args.reevaluate)
     except BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -118,7 +119,6 @@ def main(argv=None) -> int:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
     if agg is not None:
-        from nnunet_semi.benchmarking import results_table
         print()
         print(results_table(agg, classes=True))
     return 0

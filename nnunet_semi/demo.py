@@ -36,7 +36,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 #: default mode: synthetic data (narrow-range labeled, full-range unlabeled and held-out cases) and a budget
 #: sized for a 2-core CPU
@@ -62,18 +62,6 @@ def schedule_env(epochs: int, iters: int) -> Dict[str, str]:
     quarter = (int(epochs) * int(iters)) // 4
     return {"nnUNet_semi_warmup_iters": str(quarter), "nnUNet_semi_warmup_pseudo_dice": "none",
             "nnUNet_semi_rampup_iters": str(quarter)}
-
-
-def demo_benchmark(settings, schedule: Mapping[str, str], **kwargs):
-    """The benchmark harness with the demo's warm-up schedule (:func:`schedule_env`) added to the environment
-    of its trainings (the benchmark itself keeps the trainers' class defaults)."""
-    from nnunet_semi.benchmarking import Benchmark
-
-    class DemoBenchmark(Benchmark):
-        def budget_env(self, seed):
-            return {**super().budget_env(seed), **schedule}
-
-    return DemoBenchmark(settings, **kwargs)
 
 
 def summarize_synthetic(folder: str) -> List[str]:
@@ -240,7 +228,7 @@ class Stages:
         self._name = None
 
     def next(self, name: str) -> None:
-        from nnunet_semi.benchmarking import say
+        from nnunet_semi.benchmark import say
         self.close()
         self.i += 1
         self._name, self._t = name, time.time()
@@ -263,18 +251,16 @@ def _demo_paths(args, out: str) -> Dict[str, str]:
 
 
 def _clean(out: str) -> None:
-    """Delete what a demo writes into its work folder (only those entries)."""
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "logs", "curves", "inputs_all", "inputs_val",
-                 "inputs_test", "seed_0", "results.md", "results.json", "benchmark.png", "settings.json", "runs.json",
-                 "demo_timings.json", SETTINGS_FILE, PICTURE):
-        path = os.path.join(out, name)
+    """Delete what a demo writes into its work folder (only those entries): its own files and the benchmark
+    harness' (:func:`nnunet_semi.benchmark.benchmark_outputs`)."""
+    from nnunet_semi.benchmark import benchmark_outputs
+    own = [os.path.join(out, name) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
+                                                "demo_timings.json", SETTINGS_FILE, PICTURE)]
+    for path in own + benchmark_outputs(out):
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
         elif os.path.lexists(path):
             os.remove(path)
-    for name in os.listdir(out) if os.path.isdir(out) else []:
-        if name.startswith("seed_") and os.path.isdir(os.path.join(out, name)):
-            shutil.rmtree(os.path.join(out, name))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -304,8 +290,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     paths = _demo_paths(args, out)
     os.environ.update(paths)  # before nnU-Net is imported in this process (it reads them at import time)
-    from nnunet_semi.benchmarking import (BASELINE, BenchmarkError, BenchmarkSettings, fmt_seconds,
-                                          registered_trainers, reset_clock, results_table, say)
+    from nnunet_semi.benchmark import (BASELINE, Benchmark, BenchmarkError, BenchmarkSettings, registered_trainers,
+                                       reset_clock, results_table, say)
+    from nnunet_semi.reporting import fmt_seconds
     reset_clock()
 
     registered = registered_trainers()
@@ -377,24 +364,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             epochs=epochs, iters=iters, val_iters=1 if quick else None, device=args.device, disable_tta=disable_tta,
             plans_config=plans_config, verify_integrity=not quick, raw=paths["nnUNet_raw"],
             preprocessed=paths["nnUNet_preprocessed"], results_template=paths["nnUNet_results"])
-        bench = demo_benchmark(settings, schedule, verbose_commands=True)
-        bench.select_cases()
+        # the harness with the demo's warm-up schedule in its trainings' environment (the benchmark itself keeps
+        # the trainers' class defaults)
+        bench = Benchmark(settings, train_env=schedule)
 
-        # 2. + 3. preprocessing ----------------------------------------------------------------
-        stages.next("plan and preprocess (labeled with nnU-Net, then the unlabeled images)")
-        bench.check_resume_settings()
-        bench.ensure_preprocessed()
-        bench.write_settings()
-        bench.build_inputs()
+        def on_stage(stage: str, bench: Benchmark) -> None:
+            if stage == "preprocess":   # 2. + 3. labeled, then unlabeled preprocessing
+                stages.next("plan and preprocess (labeled with nnU-Net, then the unlabeled images)")
+            elif stage == "runs":       # 4. train + predict
+                stages.next(f"train {len(trainers)} trainer(s) with the same budget and predict the "
+                            f"{len(bench.cases)} held-out case(s) from checkpoint_final")
+            elif stage == "report":     # 5. evaluate
+                stages.next("evaluate against labelsTs")
 
-        # 4. train + predict -------------------------------------------------------------------
-        stages.next(f"train {len(trainers)} trainer(s) with the same budget and predict the {len(bench.cases)} "
-                    f"held-out case(s) from checkpoint_final")
-        bench.run_all()
-
-        # 5. evaluate --------------------------------------------------------------------------
-        stages.next("evaluate against labelsTs")
-        agg = bench.report()
+        agg = bench.run(on_stage=on_stage)
         print()
         print(f"Held-out Dice / Jaccard / HD95 / ASD per method ({len(bench.cases)} cases, mean ± std over cases):")
         print(results_table(agg, classes=True))

@@ -1,6 +1,7 @@
 """End to end (slow): the demo in --quick mode, and the benchmark harness (benchmarks/run_benchmark.py) on
-the demo's tiny generated dataset: report, skip, resume and settings checks. Plus fast checks of the
-harness' pure parts (CPU configuration, log parsing, aggregation, trainer discovery).
+the demo's tiny generated dataset: report, skip, resume and settings checks; and the trainers' progress
+file over a training and its ``--c`` resume. Plus fast checks of the harness' parts (CPU configuration,
+progress lines, aggregation, trainer discovery, the executor and its dry run on a simulated benchmark).
 
 Both drive nnU-Net's real commands in subprocesses. To stay within a few minutes on 2 cores the harness
 test works in the demo's folder: the demo itself runs the harness' training path (Benchmark.run_all:
@@ -12,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -107,6 +109,14 @@ def test_quick_demo_end_to_end(quick_demo):
         assert not os.path.exists(os.path.join(fold, "validation"))
         logs = [open(os.path.join(fold, f)).read() for f in os.listdir(fold) if f.startswith("training_log")]
         assert any("validation after training is skipped" in x and "--val" in x for x in logs), t
+        # the progress file: one line for the one epoch, then the skipped validation; the harness printed both
+        from nnunet_semi.training.progress_file import read_progress
+        records = read_progress(os.path.join(fold, "progress.jsonl"))
+        assert [r.get("epoch", r.get("event")) for r in records] == [0, "final_validation_skipped"], records
+        assert {"train_losses", "val_losses", "dice_per_class_or_region", "lrs", "epoch_time_s"} <= set(records[0])
+        if t == "MeanTeacherTrainer":
+            assert {"loss_sup", "loss_unsup", "unsup_weight_factor", "unlabeled_wait_s"} <= set(records[0])
+        assert f"{t} seed 0: nnU-Net's validation after training skipped" in text, t
     print(f"quick demo: {quick_demo['seconds']:.0f} s")
 
 
@@ -171,10 +181,9 @@ def test_benchmark_harness_report_skip_resume(quick_demo):
     assert p.returncode == 0, p.stdout[-6000:]
     assert "SupervisedBaselineTrainer seed 0: resume" in p.stdout
     assert re.search(r"nnUNetv2_train 991 3d_fullres all -tr SupervisedBaselineTrainer .*--c$", p.stdout, re.M)
-    assert "MeanTeacherTrainer seed 0: done" in p.stdout
+    assert "MeanTeacherTrainer seed 0: skip (checkpoint_final and predictions exist)" in p.stdout
 
     # 3. deleted predictions of one trainer: only those are redone
-    import shutil
     shutil.rmtree(preds["MeanTeacherTrainer"])
     kept = {f: os.path.getmtime(os.path.join(preds["SupervisedBaselineTrainer"], f))
             for f in os.listdir(preds["SupervisedBaselineTrainer"])}
@@ -213,7 +222,7 @@ def _plans():
 
 
 def test_cpu_configuration_inherits_and_is_idempotent(tmp_path):
-    from nnunet_semi.benchmarking import BenchmarkError, add_cpu_configuration
+    from nnunet_semi.benchmark import BenchmarkError, add_cpu_configuration
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     plans_file = str(tmp_path / "nnUNetPlans.json")
     json.dump(_plans(), open(plans_file, "w"))
@@ -234,7 +243,7 @@ def test_cpu_configuration_inherits_and_is_idempotent(tmp_path):
 
 
 def test_cpu_configuration_with_a_smaller_patch(tmp_path):
-    from nnunet_semi.benchmarking import BenchmarkError, add_cpu_configuration
+    from nnunet_semi.benchmark import BenchmarkError, add_cpu_configuration
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     plans = _plans()
     plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["strides"] = [[1, 1, 1], [2, 2, 2], [2, 2, 1],
@@ -253,23 +262,124 @@ def test_cpu_configuration_with_a_smaller_patch(tmp_path):
         add_cpu_configuration(plans_file, "3d_fullres")
 
 
-def test_epoch_progress_parses_nnunet_log_lines():
-    from nnunet_semi.benchmarking import EpochProgress
-    p = EpochProgress("MT seed 0", 5)
-    lines = ["2026-01-01 10:00:00.000001: ", "2026-01-01 10:00:00.000002: Epoch 2",
-             "2026-01-01 10:00:01.1: Current learning rate: 0.00818", "2026-01-01 10:00:09.1: train_loss -0.4123",
-             "2026-01-01 10:00:09.2: val_loss -0.5", "2026-01-01 10:00:09.3: Pseudo dice [np.float32(0.8), np.float32(0.6)]",
-             "2026-01-01 10:00:09.4: semi: loss_sup -0.5, loss_unsup 0.0123, pl_confidence 0.91"]
-    assert all(p.feed(x) is None for x in lines)
-    msg = p.feed("2026-01-01 10:00:09.5: Epoch time: 9.51 s")
-    assert msg == "    MT seed 0: epoch 3/5, train_loss -0.4123, loss_unsup 0.0123, pseudo Dice 0.700, 9.5 s/epoch"
-    assert "training done" in p.feed("2026-01-01 10:01:00.0: Training done.")
-    assert "skipped" in p.feed("2026-01-01 10:01:01.0: nnUNet_semi_skip_final_validation=1: nnU-Net's validation "
-                               "after training is skipped. Run it later with: nnUNetv2_train 1 2d all --val")
+def test_epoch_progress_reads_the_progress_file(tmp_path):
+    """One line per epoch from the trainer's progress file, re-read as the training prints; epochs already in the
+    file when the training started (a --c resume) are not repeated, those it rewrites afterwards are."""
+    from nnunet_semi.benchmark import EpochProgress
+    from nnunet_semi.training.progress_file import FINAL_VALIDATION_SKIPPED, ProgressFileWriter
+    path = str(tmp_path / "progress.jsonl")
+    writer = ProgressFileWriter(path)
+    logging = {"train_losses": [-0.3, -0.4123], "val_losses": [-0.4, -0.5],
+               "dice_per_class_or_region": [[0.5, 0.5], [0.8, 0.6]], "epoch_start_timestamps": [0.0, 10.0],
+               "epoch_end_timestamps": [9.0, 19.51], "loss_sup": [-0.4, -0.5], "loss_unsup": [0.1, 0.0123],
+               "pl_confidence": [0.9, 0.91]}
+    writer.epoch(logging, 0)
+    p = EpochProgress("MT seed 0", 5, path)
+    assert p.feed("2026-01-01 10:00:00.000002: Epoch 1") == []           # epoch 0 was there before the start
+    writer.epoch(logging, 1, unlabeled_wait_s=0.25)
+    assert p.feed("2026-01-01 10:00:19.6: ") == [
+        "    MT seed 0: epoch 2/5, train_loss -0.4123, loss_unsup 0.0123, pseudo Dice 0.700, 9.5 s/epoch"]
+    assert p.feed("2026-01-01 10:00:19.7: Yayy! New best EMA pseudo Dice: 0.7") == []
+    # the skipped validation is written after "Training done." is printed, but may be in the file before that
+    # line reaches the harness: it still comes after it
+    writer.event(FINAL_VALIDATION_SKIPPED)
+    msgs = p.feed("2026-01-01 10:01:00.0: Training done.")
+    assert len(msgs) == 2 and "training done" in msgs[0]
+    assert msgs[1] == "    MT seed 0: nnU-Net's validation after training skipped (nnUNet_semi_skip_final_validation)"
+    assert p.finish() == []
+    # a resumed training cuts the file back to its first epoch and writes that epoch again: a new line
+    logging["epoch_end_timestamps"][1] = 21.0
+    writer.restart(logging, 1)
+    writer.epoch(logging, 1)
+    assert [m.split(", ")[0] for m in p.poll()] == ["    MT seed 0: epoch 2/5"]
+
+
+def test_progress_file_restart_keeps_each_epoch_once(tmp_path):
+    """restart() keeps the epochs before the first one of the new training, fills those it lacks from the
+    checkpoint's logging, drops the rest and the events; a line cut by a crash is ignored; the curves read back
+    equal those of the checkpoint's logging."""
+    import torch
+
+    from nnunet_semi.benchmark.aggregate import curves_from_checkpoint
+    from nnunet_semi.training.progress_file import ProgressFileWriter, curves_from_progress, read_progress
+    path = str(tmp_path / "progress.jsonl")
+    logging = {"mean_fg_dice": [0.1, 0.2, 0.3], "dice_per_class_or_region": [[0.1, float("nan")], [0.2, 0.2],
+                                                                               [0.3, 0.3]],
+               "train_losses": [1.0, 0.9, 0.8], "epoch_start_timestamps": [0.0, 1.0, 2.0],
+               "epoch_end_timestamps": [1.0, 2.0, 3.5], "loss_unsup": [float("nan"), 0.5, 0.4]}
+    w = ProgressFileWriter(path)
+    w.restart(logging, 0)
+    w.epoch(logging, 0, unlabeled_wait_s=0.1)
+    w.event("final_validation_skipped")
+    with open(path, "a") as f:
+        f.write('{"epoch": 1, "train_los')                     # a crash in the middle of a line
+    assert [r.get("epoch", r.get("event")) for r in read_progress(path)] == [0, "final_validation_skipped"]
+    w.restart(logging, 2)                                       # --c from a checkpoint of epochs 0 and 1
+    records = read_progress(path)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert records[0]["unlabeled_wait_s"] == 0.1 and "unlabeled_wait_s" not in records[1]   # 1: from the logging
+    assert records[0]["loss_unsup"] is None and records[0]["dice_per_class_or_region"] == [0.1, None]
+    w.epoch(logging, 2)
+    assert [r["epoch"] for r in read_progress(path)] == [0, 1, 2]
+    assert curves_from_progress(path, 4) is None
+    curves = curves_from_progress(path, 3)
+    torch.save({"logging": logging}, str(tmp_path / "ckpt.pth"))
+    want = curves_from_checkpoint(str(tmp_path / "ckpt.pth"))
+    assert list(curves) == list(want)
+    assert json.dumps(curves) == json.dumps(want)              # NaN where NaN, the same floats
+
+
+@pytest.mark.slow
+def test_progress_file_over_a_training_and_its_resume(quick_demo):
+    """A real training (the demo's dataset) writes one line per epoch. A run killed after writing a line its
+    checkpoint does not hold (simulated: a stale epoch-2 line after a 2-epoch run) and then resumed with --c
+    (here with a 3-epoch budget, from checkpoint_final of epoch 2) continues the file without a duplicated
+    epoch, and the file's curves equal the final checkpoint's logging."""
+    assert quick_demo["proc"].returncode == 0, "the quick demo failed"
+    from nnunet_semi.benchmark.aggregate import curves_from_checkpoint
+    from nnunet_semi.env import ensure_ext_trainer
+    from nnunet_semi.training.progress_file import curves_from_progress, read_progress
+    out, root = quick_demo["out"], quick_demo["root"]
+    env = dict(_env(), nnUNet_raw=os.path.join(out, "nnUNet_raw"),
+               nnUNet_preprocessed=os.path.join(out, "nnUNet_preprocessed"),
+               nnUNet_results=os.path.join(root, "results_progress"), nnUNet_n_proc_DA="0", nnUNet_semi_iters="2",
+               nnUNet_semi_val_iters="1", nnUNet_semi_save_every="1", nnUNet_semi_seed="0",
+               nnUNet_semi_skip_final_validation="1", nnUNet_semi_warmup_iters="0",
+               nnUNet_semi_warmup_pseudo_dice="none", nnUNet_semi_rampup_iters="0")
+    ensure_ext_trainer(env)
+    fold = os.path.join(env["nnUNet_results"], "Dataset991_SemiDemo", "MeanTeacherTrainer__nnUNetPlans__3d_fullres",
+                        "fold_all")
+    path = os.path.join(fold, "progress.jsonl")
+
+    def train(epochs, *extra):
+        p = subprocess.run(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "MeanTeacherTrainer", "-device",
+                            "cpu", *extra], env=dict(env, nnUNet_semi_epochs=str(epochs)), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=900)
+        assert p.returncode == 0, p.stdout[-6000:]
+
+    def order(records):
+        return [r.get("epoch", r.get("event")) for r in records]
+
+    train(2)
+    first = read_progress(path)
+    assert order(first) == [0, 1, "final_validation_skipped"]
+    assert all({"train_losses", "val_losses", "lrs", "mean_fg_dice", "dice_per_class_or_region", "loss_unsup",
+                "grad_norm", "unlabeled_wait_s", "epoch_time_s"} <= set(r) for r in first[:2])
+    assert first[1]["epoch_start_timestamps"] >= first[0]["epoch_end_timestamps"]
+    with open(path, "a") as f:                                  # what a killed run may leave behind
+        f.write(json.dumps(dict(first[1], epoch=2, stale=True)) + "\n")
+    train(3, "--c")
+    second = read_progress(path)
+    assert order(second) == [0, 1, 2, "final_validation_skipped"]
+    assert second[:2] == first[:2]                              # the epochs before the resume, as they were
+    assert "stale" not in second[2] and second[2]["epoch_start_timestamps"] > first[2]["time"]
+    curves = curves_from_progress(path, 3)
+    want = curves_from_checkpoint(os.path.join(fold, "checkpoint_final.pth"))
+    assert json.dumps(curves) == json.dumps(want)
 
 
 def test_aggregate_pairs_seeds_and_cases():
-    from nnunet_semi.benchmarking import aggregate, results_markdown
+    from nnunet_semi.benchmark import aggregate, results_markdown
     from nnunet_semi.evaluation.evaluate import summarize
 
     def summary(dice):
@@ -298,7 +408,7 @@ def test_aggregate_pairs_seeds_and_cases():
     assert "| MeanTeacherTrainer | Mean | 66.67 ± " in md and "| 3/2/1 |" in md
 
     # the Runs table shows when each run's pseudo Dice first reached 0.5 (1-based epoch) and its last value
-    from nnunet_semi.benchmarking import curve_milestones
+    from nnunet_semi.benchmark import curve_milestones
     assert curve_milestones({"mean_fg_dice": [0.0, 0.1, 0.49, 0.5, 0.3, 0.8]}) == \
         {"pseudo_dice_first_epoch": 4, "pseudo_dice_last": 0.8}
     assert curve_milestones({"mean_fg_dice": [0.0, float("nan"), 0.2]}) == \
@@ -312,10 +422,142 @@ def test_aggregate_pairs_seeds_and_cases():
     assert "| SupervisedBaselineTrainer | 0 | – | – | no | – | 0.200 |" in md, md
 
 
-def test_default_trainers_are_discovered_from_the_registry():
-    from nnunet_semi.benchmarking import default_trainers, registered_trainers
+def test_default_trainers_are_declared_by_the_trainers():
+    """The default list is [SupervisedBaselineTrainer] + every registered trainer whose own class body says
+    benchmark_default = True; a subclass does not inherit it, whatever its name."""
+    from nnunet_semi.benchmark import default_trainers, is_benchmark_default, registered_trainers
+    from nnunet_semi.methods.mean_teacher import MeanTeacherTrainer
+    from nnunet_semi.training.base import SemiSupervisedTrainer
     reg = registered_trainers()
-    defaults = default_trainers(reg)
-    assert defaults[0] == "SupervisedBaselineTrainer" and "MeanTeacherTrainer" in defaults
-    assert all("_" not in t for t in defaults) and set(defaults) <= set(reg)
-    assert not any(t.startswith("MeanTeacherTrainer_") for t in defaults)
+    assert default_trainers(reg) == ["SupervisedBaselineTrainer", "CrossMatchTrainer", "MeanTeacherTrainer",
+                                     "ReciprocalLearningTrainer"]
+    assert not is_benchmark_default(SemiSupervisedTrainer)
+    assert not any(is_benchmark_default(c) for n, c in reg.items() if "_" in n)   # the registered variants
+
+    class MeanTeacherTrainerW1(MeanTeacherTrainer):          # no '_', still a variant: not a default
+        unsup_weight = 0.5
+
+    class MeanTeacherTrainer_mine(MeanTeacherTrainer):       # declares itself: a default despite the '_'
+        benchmark_default = True
+
+    assert MeanTeacherTrainerW1.benchmark_default and not is_benchmark_default(MeanTeacherTrainerW1)
+    assert is_benchmark_default(MeanTeacherTrainer_mine)
+    fake = dict(reg, MeanTeacherTrainerW1=MeanTeacherTrainerW1, MeanTeacherTrainer_mine=MeanTeacherTrainer_mine)
+    assert default_trainers(fake) == default_trainers(reg) + ["MeanTeacherTrainer_mine"]
+    # --list-trainers marks them
+    p = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "run_benchmark.py"), "--list-trainers"],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), timeout=300)
+    assert p.returncode == 0, p.stdout
+    marked = {line.split()[0] for line in p.stdout.splitlines() if line.rstrip().endswith("default")}
+    assert marked == set(default_trainers(reg)), p.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# the executor: a dry run gives the commands a real run runs
+# --------------------------------------------------------------------------------------------
+def _fake_benchmark_data(root):
+    """A raw dataset (2 held-out cases with references) and a preprocessed folder that looks planned and
+    preprocessed for 3d_fullres (plans and a data folder; no unlabeled data yet)."""
+    from nnunet_semi.synthetic import make_synthetic_dataset
+    raw, pre = os.path.join(root, "raw"), os.path.join(root, "pre")
+    make_synthetic_dataset(raw, 991, "Fake", n_labeled=2, n_unlabeled=1, n_test=2, shape=(12, 12, 12), seed=0)
+    data = os.path.join(pre, "Dataset991_Fake", "nnUNetPlans_3d_fullres")
+    os.makedirs(data)
+    open(os.path.join(data, "case_000.pkl"), "w").close()
+    json.dump({"configurations": {"3d_fullres": {"data_identifier": "nnUNetPlans_3d_fullres"}}},
+              open(os.path.join(pre, "Dataset991_Fake", "nnUNetPlans.json"), "w"))
+    return raw, pre
+
+
+def _simulated_executor(epochs):
+    """The real executor (the harness' own changes to files are made) with nnU-Net's commands simulated: a
+    training writes checkpoint_final.pth and its progress file, a prediction copies the references."""
+    from nnunet_semi.benchmark import Executor
+    from nnunet_semi.training.progress_file import ProgressFileWriter
+
+    class Simulated(Executor):
+        bench = None
+
+        def run(self, cmd, env, log_file, progress=None, echo=None, creates=None):
+            cmd = [str(c) for c in cmd]
+            self.commands.append(cmd)
+            b = self.bench
+            if cmd[0] == "nnUNetv2_train":
+                fold = b.model_dir(cmd[cmd.index("-tr") + 1], int(env["nnUNet_semi_seed"]))
+                os.makedirs(fold, exist_ok=True)
+                logging = {"train_losses": [1.0 - 0.1 * e for e in range(epochs)],
+                           "mean_fg_dice": [0.3 * e for e in range(epochs)],
+                           "epoch_start_timestamps": [float(e) for e in range(epochs)],
+                           "epoch_end_timestamps": [e + 0.5 for e in range(epochs)]}
+                w = ProgressFileWriter(os.path.join(fold, "progress.jsonl"))
+                w.restart(logging, 0)
+                for e in range(epochs):
+                    w.epoch(logging, e)
+                open(os.path.join(fold, "checkpoint_final.pth"), "w").close()
+                if os.path.isfile(os.path.join(fold, "checkpoint_latest.pth")):
+                    os.remove(os.path.join(fold, "checkpoint_latest.pth"))
+            elif cmd[0] == "nnUNetv2_predict":
+                out = cmd[cmd.index("-o") + 1]
+                os.makedirs(out, exist_ok=True)
+                for c in b.cases:
+                    shutil.copy(os.path.join(b.raw_folder, "labelsTs", c + b.file_ending), out)
+            return 1.0
+
+    return Simulated()
+
+
+def test_dry_run_executor_records_the_commands_a_real_run_runs(tmp_path, capsys):
+    from nnunet_semi.benchmark import Benchmark, BenchmarkSettings, DryRunExecutor
+    raw, pre = _fake_benchmark_data(str(tmp_path))
+    out = str(tmp_path / "bench")
+
+    def settings():
+        return BenchmarkSettings(dataset="991", out=out, trainers=TRAINERS, seeds=[0, 1], epochs=2, iters=1,
+                                 raw=raw, preprocessed=pre)
+
+    def both():
+        dry = DryRunExecutor()
+        assert Benchmark(settings(), executor=dry).run() is None
+        real = _simulated_executor(epochs=2)
+        real.bench = Benchmark(settings(), executor=real)
+        return dry, real, real.bench.run()
+
+    def steps(commands):
+        return [(c[0], c[c.index("-tr") + 1] if "-tr" in c else None, "--c" in c) for c in commands]
+
+    # a fresh benchmark: the dry run changes nothing, the real run then runs exactly the same commands
+    dry = DryRunExecutor()
+    Benchmark(settings(), executor=dry).run()
+    assert not os.path.exists(out)
+    printed = capsys.readouterr().out
+    dry, real, agg = both()
+    assert dry.commands == real.commands
+    assert steps(real.commands) == [("nnUNetv2_preprocess_unlabeled", None, False)] + [
+        (cmd, t, False) for seed in (0, 1) for t in TRAINERS for cmd in ("nnUNetv2_train", "nnUNetv2_predict")]
+    for cmd in dry.commands:
+        assert " ".join(cmd) in printed.replace("'", "")
+    assert all(agg["stats"][t]["foreground"]["Dice"]["mean"] == 1.0 for t in TRAINERS)
+    assert os.path.isfile(os.path.join(out, "results.md")) and os.path.isfile(os.path.join(out, "benchmark.png"))
+    # the report's curves come from the progress files
+    assert agg["curves"]["MeanTeacherTrainer"][1]["train_losses"] == [1.0, 0.9]
+    assert agg["runs"]["MeanTeacherTrainer/seed_1"]["pseudo_dice_first_epoch"] is None
+
+    # resumed: an interrupted training (checkpoint_latest only) and a run without predictions
+    bench = real.bench
+    sup0 = bench.model_dir("SupervisedBaselineTrainer", 0)
+    os.rename(os.path.join(sup0, "checkpoint_final.pth"), os.path.join(sup0, "checkpoint_latest.pth"))
+    shutil.rmtree(bench.pred_dir("MeanTeacherTrainer", 1))
+    capsys.readouterr()
+    dry, real, agg = both()
+    printed = capsys.readouterr().out
+    assert dry.commands == real.commands
+    assert steps(real.commands) == [("nnUNetv2_preprocess_unlabeled", None, False),
+                                    ("nnUNetv2_train", "SupervisedBaselineTrainer", True),
+                                    ("nnUNetv2_predict", "SupervisedBaselineTrainer", False),
+                                    ("nnUNetv2_predict", "MeanTeacherTrainer", False)]
+    assert "(1/4) SupervisedBaselineTrainer seed 0: resume training from checkpoint_latest (--c)" in printed
+    assert "(4/4) MeanTeacherTrainer seed 1: skip training (checkpoint_final exists); predict" in printed
+    runs = json.load(open(os.path.join(out, "runs.json")))
+    assert runs["SupervisedBaselineTrainer/seed_0"]["resumed"] is True
+    assert runs["SupervisedBaselineTrainer/seed_0"]["train_s"] == 2.0    # accumulated over the two trainings
+    assert sorted(agg["methods"]) == sorted(TRAINERS)

@@ -184,7 +184,7 @@ def test_schedule_env_is_scaled_to_the_budget_and_parsed_by_the_trainers(monkeyp
 def test_demo_passes_the_schedule_to_its_trainings(tmp_path, monkeypatch, capsys):
     """The demo's own main(), up to the trainings: the environment of each nnUNetv2_train has the schedule
     variables (and settings.json records them); the benchmark harness' own budget has none of them."""
-    from nnunet_semi import benchmarking
+    from nnunet_semi import benchmark
     from nnunet_semi.demo import main, schedule_env
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(k, str(tmp_path / "unused"))   # main() sets them; restored after the test
@@ -195,10 +195,10 @@ def test_demo_passes_the_schedule_to_its_trainings(tmp_path, monkeypatch, capsys
     def fake_run_all(self):
         for t in self.s.trainers:
             seen[t] = (self.env(0, trainer_env=True), self.echo_env(0, trainer_env=True))
-        raise benchmarking.BenchmarkError("stop after recording the training environment")
+        raise benchmark.BenchmarkError("stop after recording the training environment")
 
-    monkeypatch.setattr(benchmarking.Benchmark, "ensure_preprocessed", lambda self: None)
-    monkeypatch.setattr(benchmarking.Benchmark, "run_all", fake_run_all)
+    monkeypatch.setattr(benchmark.Benchmark, "ensure_preprocessed", lambda self: None)
+    monkeypatch.setattr(benchmark.Benchmark, "run_all", fake_run_all)
     out = tmp_path / "demo"
     rc = main(["--out", str(out), "--epochs", "4", "--iters", "10", "-tr", "MeanTeacherTrainer"])
     assert rc == 1 and "stop after recording" in capsys.readouterr().err
@@ -218,7 +218,7 @@ def test_demo_passes_the_schedule_to_its_trainings(tmp_path, monkeypatch, capsys
     assert (raw / CASES_FILE).is_file()
 
     # the benchmark harness keeps the trainers' class defaults
-    s = benchmarking.BenchmarkSettings(dataset="991", out=str(tmp_path / "bench"), trainers=["MeanTeacherTrainer"],
-                                       raw=str(out / "nnUNet_raw"), preprocessed=str(tmp_path / "pre"))
-    plain = benchmarking.Benchmark(s)
+    s = benchmark.BenchmarkSettings(dataset="991", out=str(tmp_path / "bench"), trainers=["MeanTeacherTrainer"],
+                                    raw=str(out / "nnUNet_raw"), preprocessed=str(tmp_path / "pre"))
+    plain = benchmark.Benchmark(s)
     assert not set(want) & set(plain.budget_env(0)) and not set(want) & set(plain.env(0, trainer_env=True))

@@ -39,9 +39,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from nnunet_semi.evaluation.metrics import (
-    COUNT_KEYS, DEFAULT_EMPTY_POLICY, EMPTY_POLICIES, METRICS, LabelOrRegion, empty_situation, is_finite,
-    multilabel_metrics,
+    COUNT_KEYS, DEFAULT_EMPTY_POLICY, EMPTY_POLICIES, METRICS, LabelOrRegion, empty_situation, multilabel_metrics,
 )
+from nnunet_semi.reporting import (finite, format_difference, format_mean_std, format_p, is_finite, markdown_rows,
+                                   mean_std)
 
 #: file endings tried (in this order) when none is given and there is no dataset.json
 KNOWN_FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".tif", ".tiff", ".png", ".bmp")
@@ -178,20 +179,8 @@ def _run_cases(jobs: List[tuple], num_processes: int, progress: bool, desc: str)
 # --------------------------------------------------------------------------------------------
 # aggregation
 # --------------------------------------------------------------------------------------------
-def _finite(values) -> np.ndarray:
-    arr = np.asarray([float(v) for v in values], dtype=float)
-    return arr[np.isfinite(arr)]
-
-
-def _mean_std(values) -> Dict[str, float]:
-    v = _finite(values)
-    if v.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": float(v.mean()), "std": float(v.std()), "n": int(v.size)}
-
-
 def _nanmean(values) -> float:
-    v = _finite(values)
+    v = finite(values)
     return float(v.mean()) if v.size else float("nan")
 
 
@@ -206,8 +195,8 @@ def summarize(metric_per_case: List[dict], label_keys: Sequence[str]) -> dict:
     mean = {k: {m: _nanmean([c["metrics"][k][m] for c in metric_per_case]) for m in all_keys} for k in label_keys}
     foreground_mean = {m: (float(np.mean([mean[k][m] for k in label_keys if k != "0"]))
                            if label_keys else float("nan")) for m in all_keys}
-    stats = {k: {m: _mean_std([c["metrics"][k][m] for c in metric_per_case]) for m in METRICS} for k in label_keys}
-    stats[FOREGROUND] = {m: _mean_std([per_case_foreground(c["metrics"], m) for c in metric_per_case])
+    stats = {k: {m: mean_std([c["metrics"][k][m] for c in metric_per_case]) for m in METRICS} for k in label_keys}
+    stats[FOREGROUND] = {m: mean_std([per_case_foreground(c["metrics"], m) for c in metric_per_case])
                          for m in METRICS}
     empty_counts = {}
     for k in label_keys:
@@ -337,16 +326,6 @@ def evaluate_folder(ref_folder: str, pred_folder: str, labels: Optional[Sequence
 _UNIT_HEADER = {"mm": "mm", "vox": "voxel"}
 
 
-def format_mean_std(stat: Mapping[str, float], scale: float = 1.0, digits: int = 2) -> str:
-    """``"mean ± std"`` of a ``{"mean", "std", "n"}`` entry; ``"n/a"`` when there is no value."""
-    if not stat or not stat.get("n") or not is_finite(stat.get("mean")):
-        return "n/a"
-    mean = stat["mean"] * scale
-    if abs(mean) < 0.5 * 10 ** -digits:  # no "-0.00"
-        mean = 0.0
-    return f"{mean:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
-
-
 def _row_name(summary: dict, key: str) -> str:
     name = summary.get("label_names", {}).get(key, key)
     return key if name == key else f"{name} ({key})"
@@ -359,13 +338,13 @@ def markdown_table(summary: dict, units: Sequence[str] = ("mm", "vox"), digits: 
     header = ["Class", "Dice (%)", "Jaccard (%)"]
     for u in units:
         header += [f"95HD ({_UNIT_HEADER[u]})", f"ASD ({_UNIT_HEADER[u]})"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for key, title in [(k, _row_name(summary, k)) for k in keys] + [(FOREGROUND, "Mean")]:
         st = summary["stats"][key]
         row = [title, format_mean_std(st["Dice"], 100, digits), format_mean_std(st["Jaccard"], 100, digits)]
         for u in units:
             row += [format_mean_std(st[f"HD95_{u}"], 1, digits), format_mean_std(st[f"ASD_{u}"], 1, digits)]
-        lines.append("| " + " | ".join(row) + " |")
+        rows.append(row)
     n_cases = len(summary["metric_per_case"])
     notes = [f"{n_cases} cases, mean ± std (ddof 0) over cases; Mean row: classes averaged within each case first. "
              f"ASD: prediction → reference surface (medpy `asd`). Empty-mask policy: "
@@ -379,7 +358,7 @@ def markdown_table(summary: dict, units: Sequence[str] = ("mm", "vox"), digits: 
                          f"distances over {n_dist} of {n_cases} cases.")
     if summary.get("missing_predictions"):
         notes.append(f"Missing predictions (skipped): {', '.join(summary['missing_predictions'])}.")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    return markdown_rows(header, rows) + "\n\n" + "\n".join(notes) + "\n"
 
 
 def write_markdown_table(summary: dict, output_file: Optional[str] = None, units: Sequence[str] = ("mm", "vox"),
@@ -470,12 +449,6 @@ def compare_folders(ref_folder: str, predictions: Mapping[str, str], labels: Opt
     return result
 
 
-def _format_p(p: float) -> str:
-    if not is_finite(p):
-        return "n/a"
-    return f"{p:.3g}" if p >= 1e-3 else f"{p:.1e}"
-
-
 def comparison_markdown(comparison: dict, units: Sequence[str] = ("mm", "vox"), digits: int = 2) -> str:
     """Markdown for a :func:`compare_folders` result: per unit, a table with one row per method
     and ``mean ± std`` of Dice (%), Jaccard (%), 95HD and ASD per class and for the mean; then
@@ -491,33 +464,32 @@ def comparison_markdown(comparison: dict, units: Sequence[str] = ("mm", "vox"), 
         for _, t in titles:
             header += [f"{t} Dice (%)", f"{t} Jaccard (%)", f"{t} 95HD ({_UNIT_HEADER[u]})",
                        f"{t} ASD ({_UNIT_HEADER[u]})"]
-        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        rows = []
         for name in names:
             st = comparison["summaries"][name]["stats"]
             row = [name]
             for k, _ in titles:
                 row += [format_mean_std(st[k]["Dice"], 100, digits), format_mean_std(st[k]["Jaccard"], 100, digits),
                         format_mean_std(st[k][f"HD95_{u}"], 1, digits), format_mean_std(st[k][f"ASD_{u}"], 1, digits)]
-            out.append("| " + " | ".join(row) + " |")
+            rows.append(row)
+        out.append(markdown_rows(header, rows))
         out.append("")
     if len(names) > 1:
         out.append(f"### Paired differences against {baseline} (method − baseline, per case)\n")
         header = ["Method", "Class", "n", "ΔDice (%)", "p (Dice)"]
         for u in units:
             header += [f"n (95HD {_UNIT_HEADER[u]})", f"Δ95HD ({_UNIT_HEADER[u]})", f"p (95HD {_UNIT_HEADER[u]})"]
-        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        rows = []
         for name in names[1:]:
             for k, t in titles:
                 pd = comparison["paired"][name][k]
-                row = [name, t, str(pd["Dice"]["n"]),
-                       format_mean_std({"mean": pd["Dice"]["mean_diff"], "std": pd["Dice"]["std_diff"],
-                                        "n": pd["Dice"]["n"]}, 100, digits), _format_p(pd["Dice"]["p_value"])]
+                row = [name, t, str(pd["Dice"]["n"]), format_difference(pd["Dice"], 100, digits),
+                       format_p(pd["Dice"]["p_value"])]
                 for u in units:
                     h = pd[f"HD95_{u}"]
-                    row += [str(h["n"]),
-                            format_mean_std({"mean": h["mean_diff"], "std": h["std_diff"], "n": h["n"]}, 1, digits),
-                            _format_p(h["p_value"])]
-                out.append("| " + " | ".join(row) + " |")
+                    row += [str(h["n"]), format_difference(h, 1, digits), format_p(h["p_value"])]
+                rows.append(row)
+        out.append(markdown_rows(header, rows))
         out.append("")
         out.append("n: cases where both methods have a finite value. "
                    "p: two-sided Wilcoxon signed-rank test, only for n ≥ 5.")

@@ -57,11 +57,12 @@ which is applied in both units. NaN values are skipped by every mean (``np.nanme
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
+
+from nnunet_semi.reporting import is_finite  # noqa: F401  (re-exported: part of this module's API)
 
 LabelOrRegion = Union[int, Tuple[int, ...]]
 
@@ -292,14 +293,6 @@ def multilabel_metrics(seg_pred: np.ndarray, seg_ref: np.ndarray, labels: Sequen
             r &= keep
         out[key] = binary_metrics(p, r, spacing, empty_policy)
     return out
-
-
-def is_finite(value) -> bool:
-    """True for a real, non-NaN, finite number."""
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 __all__ = [

@@ -26,6 +26,7 @@ from nnunet_semi.training.base import SemiSupervisedTrainer
 
 
 class MeanTeacherTrainer(SemiSupervisedTrainer):
+    benchmark_default = True
     use_ema_teacher = True
     ema_decay: float = 0.99
     #: 'mse' (softmax MSE), 'ce' or 'dice_ce' on the teacher's hard pseudo-label

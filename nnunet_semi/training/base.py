@@ -23,7 +23,8 @@ provides everything methods share:
   nnU-Net's validation and written as ``network_weights``;
 - AMP, gradient clipping and the optimiser step as nnU-Net does them, with the gradient norm before
   clipping and the fraction of clipped steps logged (``grad_norm``, ``clip_ratio``);
-- per-epoch logging of every term ``compute_loss`` returns, drawn as a fourth panel of progress.png;
+- per-epoch logging of every term ``compute_loss`` returns, drawn as a fourth panel of progress.png and
+  written, with the unlabeled data wait, to the progress file (:mod:`nnunet_semi.training.progress_file`);
 - per-case metadata (domain, task, ...; :class:`~nnunet_semi.layout.CaseMetadata`) by case key:
   :meth:`metadata_of` for ``self.labeled_keys`` (the current labeled batch) and ``UnlabeledBatch.keys``;
 - checkpoints written atomically, with the extra state (auxiliary modules with their optimizers and
@@ -65,6 +66,8 @@ from nnunet_semi.training.progress import SemiLocalLogger
 
 CHECKPOINT_KEY = "nnunet_semi"
 NNUNET_LOGGED = {"loss"}
+#: class attributes of the plugin's trainers that are not training hyper-parameters
+NOT_HPARAMS = {"benchmark_default"}
 
 
 def _inner_loader(augmenter):
@@ -223,7 +226,8 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         for cls in reversed(type(self).__mro__):
             if cls.__module__.startswith("nnunet_semi"):
                 for k, v in vars(cls).items():
-                    if not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple, type(None))):
+                    if not k.startswith("_") and k not in NOT_HPARAMS and \
+                            isinstance(v, (int, float, str, bool, tuple, type(None))):
                         out[k] = getattr(self, k)
         return out
 
@@ -467,6 +471,10 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         epoch_time = time.time() - self.logger.get_value("epoch_start_timestamps", step=-1)
         self.print_to_log_file(f"unlabeled data wait: {self._unlabeled_wait:.2f} s "
                                f"({100 * self._unlabeled_wait / max(epoch_time, 1e-9):.1f}% of the training epoch)")
+
+    def progress_extras(self) -> dict:
+        """The progress file's ``unlabeled_wait_s``: this epoch's wait for unlabeled batches."""
+        return {"unlabeled_wait_s": self._unlabeled_wait}
 
     def on_train_end(self):
         super().on_train_end()

@@ -3,7 +3,8 @@ a comparison behave alike: the ``nnUNet_semi_*`` budget/seed variables, a cross-
 that works with the few labeled cases semi-supervised settings have, on the CPU glibc's allocator
 told to reuse freed tensor memory (see :mod:`nnunet_semi.cpu_malloc`), and an opt-in skip of the
 validation nnU-Net runs after training (``nnUNet_semi_skip_final_validation=1``, for benchmarks and
-demos that evaluate held-out cases themselves; ``nnUNetv2_train ... --val`` still runs it)."""
+demos that evaluate held-out cases themselves; ``nnUNetv2_train ... --val`` still runs it), and the
+machine-readable progress file beside nnU-Net's training log (:mod:`nnunet_semi.training.progress_file`)."""
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, save_json
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -11,9 +12,18 @@ from nnunetv2.utilities.crossval_split import generate_crossval_split
 
 from nnunet_semi.cpu_malloc import ENV_VAR as MALLOC_ENV_VAR, tune_cpu_malloc
 from nnunet_semi.training.budget import SKIP_FINAL_VALIDATION_VAR, apply_budget_overrides, env_flag
+from nnunet_semi.training.progress_file import FINAL_VALIDATION_SKIPPED, PROGRESS_FILE, ProgressFileWriter
 
 
 class PluginTrainerMixin:
+    #: whether the benchmark (benchmarks/run_benchmark.py) runs this trainer by default. Only a class that sets
+    #: it itself counts (:meth:`is_benchmark_default`): a variant subclass does not inherit True.
+    benchmark_default: bool = False
+
+    @classmethod
+    def is_benchmark_default(cls) -> bool:
+        return bool(cls.__dict__.get("benchmark_default", False))
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -22,12 +32,35 @@ class PluginTrainerMixin:
             self.print_to_log_file(f"CPU training: glibc malloc set to reuse freed tensor memory (no mmap, no "
                                    f"trim; {MALLOC_ENV_VAR}=0 switches this off)")
 
+    def on_train_start(self):
+        super().on_train_start()
+        # the process that writes nnU-Net's log writes the progress file; a new or resumed training first cuts
+        # it back to the epochs before its first one (see progress_file)
+        self._progress_file = ProgressFileWriter(join(self.output_folder, PROGRESS_FILE)) \
+            if self.local_rank == 0 else None
+        if self._progress_file is not None:
+            self._progress_file.restart(self.logger.get_checkpoint(), self.current_epoch)
+
+    def on_epoch_end(self):
+        epoch = self.current_epoch
+        super().on_epoch_end()
+        progress = getattr(self, "_progress_file", None)
+        if progress is not None:
+            progress.epoch(self.logger.get_checkpoint(), epoch, **self.progress_extras())
+
+    def progress_extras(self) -> dict:
+        """Per-epoch values of the progress file that nnU-Net's logger does not hold."""
+        return {}
+
     def on_train_end(self):
         super().on_train_end()
         self._semi_just_trained = True
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if getattr(self, "_semi_just_trained", False) and env_flag(SKIP_FINAL_VALIDATION_VAR):
+            progress = getattr(self, "_progress_file", None)
+            if progress is not None:
+                progress.event(FINAL_VALIDATION_SKIPPED)
             self.print_to_log_file(f"{SKIP_FINAL_VALIDATION_VAR}=1: nnU-Net's validation after training is skipped. "
                                    f"Run it later with: nnUNetv2_train {self.plans_manager.dataset_name} "
                                    f"{self.configuration_name} {self.fold} -tr {type(self).__name__} "

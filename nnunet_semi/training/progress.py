@@ -19,10 +19,21 @@ from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
 NNUNET_KEYS = ('mean_fg_dice', 'ema_fg_dice', 'dice_per_class_or_region', 'train_losses', 'val_losses', 'lrs',
                'epoch_start_timestamps', 'epoch_end_timestamps')
-#: logged terms that are ratios or thresholds in [0, 1] (drawn on their own axis here and in benchmark reports)
+#: logged terms that are ratios or thresholds in [0, 1] (drawn on their own axis here and in benchmark reports);
+#: ``clip_ratio_<optimizer>`` of a method's other optimizers counts too (see :func:`axis_of`)
 RATIO_KEYS = ('pl_confidence', 'mask_ratio', 'unsup_weight_factor', 'tau', 'clip_ratio')
-#: logged terms on a scale of their own (the gradient norm before clipping): drawn in a panel of their own
+#: logged terms on a scale of their own (the gradient norm before clipping, also ``grad_norm_<optimizer>``)
 OWN_SCALE_KEYS = ('grad_norm',)
+
+
+def axis_of(key: str) -> str:
+    """Where a logged plugin term is drawn: ``'ratio'`` (values in [0, 1]), ``'own'`` (a panel of its own) or
+    ``'loss'``; per-optimizer terms (``grad_norm_teacher``, ``clip_ratio_teacher``) follow their family."""
+    if key in RATIO_KEYS or key.startswith("clip_ratio_"):
+        return "ratio"
+    if key in OWN_SCALE_KEYS or key.startswith("grad_norm_"):
+        return "own"
+    return "loss"
 
 
 class SemiLocalLogger(LocalLogger):
@@ -49,7 +60,7 @@ class SemiLocalLogger(LocalLogger):
         epoch = min(len(v) for v in self.my_fantastic_logging.values()) - 1
         x = list(range(epoch + 1))
         dpi = 100
-        own = [k for k in extra if k in OWN_SCALE_KEYS]
+        own = [k for k in extra if axis_of(k) == "own"]
         fig, axes = plt.subplots(2 if own else 1, 1, figsize=(base.width / dpi, 27 if own else 18), dpi=dpi,
                                  squeeze=False, gridspec_kw={"height_ratios": [2, 1] if own else [1]})
         ax = axes[0, 0]
@@ -57,7 +68,7 @@ class SemiLocalLogger(LocalLogger):
         colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
         for i, k in enumerate(extra):
             y = np.asarray(self.my_fantastic_logging[k][:epoch + 1], dtype=float)
-            target = axes[1, 0] if k in OWN_SCALE_KEYS else ax2 if k in RATIO_KEYS else ax
+            target = {"own": axes[1, 0], "ratio": ax2}.get(axis_of(k), ax)
             target.plot(x, y, color=colors[i % len(colors)], ls='dotted' if target is ax2 else '-',
                         label=k, linewidth=4)
         ax.set_xlabel("epoch")

@@ -1,0 +1,49 @@
+"""The trainers a benchmark may run: those re-exported by ``trainers/nnunet_semi_trainers.py`` (the module
+nnU-Net's ``nnUNet_extTrainer`` discovery reads), and the default list, which the trainers declare themselves
+(``benchmark_default = True`` in the class's own body, :meth:`PluginTrainerMixin.is_benchmark_default`)."""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from nnunet_semi.benchmark.commands import BenchmarkError
+
+BASELINE = "SupervisedBaselineTrainer"
+
+
+def registered_trainers() -> Dict[str, type]:
+    """name -> class of every trainer re-exported by ``trainers/nnunet_semi_trainers.py``, in the module's order."""
+    import importlib
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    mod = importlib.import_module("nnunet_semi.ext_trainers.nnunet_semi_trainers")
+    return {name: obj for name, obj in vars(mod).items()
+            if isinstance(obj, type) and issubclass(obj, nnUNetTrainer) and obj.__name__ == name}
+
+
+def is_semi_supervised(cls: type) -> bool:
+    from nnunet_semi.training.base import SemiSupervisedTrainer
+    return issubclass(cls, SemiSupervisedTrainer)
+
+
+def is_benchmark_default(cls: type) -> bool:
+    """Whether ``cls`` itself declares ``benchmark_default = True`` (a subclass does not inherit it)."""
+    check = getattr(cls, "is_benchmark_default", None)
+    return bool(check()) if callable(check) else False
+
+
+def default_trainers(registered: Optional[Mapping[str, type]] = None) -> List[str]:
+    """The supervised reference, then every registered trainer that declares itself a benchmark default, in the
+    registry's order (variants such as ``MeanTeacherTrainer_confCE`` do not)."""
+    registered = registered_trainers() if registered is None else registered
+    return [BASELINE] + [n for n, c in registered.items() if n != BASELINE and is_benchmark_default(c)]
+
+
+def check_trainers(names: Sequence[str], registered: Mapping[str, type]) -> None:
+    unknown = [n for n in names if n not in registered]
+    if unknown:
+        raise BenchmarkError(
+            f"trainer(s) {unknown} are not registered in trainers/nnunet_semi_trainers.py (registered: "
+            f"{', '.join(registered)}). Only the plugin's trainers honour the nnUNet_semi_* budget variables, so "
+            f"another trainer would not get the same budget; use {BASELINE} for nnU-Net's supervised reference.")
+    if len(set(names)) != len(names):
+        raise BenchmarkError(f"trainer list has duplicates: {list(names)}")
