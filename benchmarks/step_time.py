@@ -69,7 +69,6 @@ class PeakSampler:
 
 
 def build(trainer_name: str, dataset: str, configuration: str, device):
-    import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name

@@ -2,7 +2,7 @@ import glob
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import pytest
 
@@ -20,14 +20,16 @@ class Prepared:
     pre: str
     res: str
     watched: List[str]        # withheld labels: must never be read
-    control: str              # a copy read on purpose: proves the atime check works here
+    control: str              # a copy in a watched folder of its own, read on purpose by the audit's positive
+                              # control (test_end_to_end.py); the audit leaves that folder out
 
 
 @pytest.fixture(scope="session")
-def prepared(tmp_path_factory) -> Prepared:
+def prepared(tmp_path_factory) -> Iterator[Prepared]:
     """A synthetic 3D dataset (6 labeled, 6 unlabeled with withheld labels, 2 test) planned and
     preprocessed for 2d and 3d_fullres by nnU-Net's commands, and its unlabeled images preprocessed by
-    the plugin, all under an audit of the withheld labels."""
+    the plugin, all under an audit of the withheld labels: after the last test that used this fixture,
+    its finaliser fails the session if any process opened a withheld label (see withheld_reads)."""
     from nnunet_semi.synthetic import make_synthetic_dataset
 
     root = str(tmp_path_factory.mktemp("semi_e2e"))
@@ -36,15 +38,22 @@ def prepared(tmp_path_factory) -> Prepared:
                                  n_test=2, shape=(32, 32, 32), seed=1)
     watched = sorted(glob.glob(os.path.join(raw, "labelsWithheld", "*")))
     assert watched
-    control = os.path.join(root, "control_label.nii.gz")
+    control = os.path.join(root, "audit_control", "labelsWithheld", os.path.basename(watched[0]))
+    os.makedirs(os.path.dirname(control))
     shutil.copy(watched[0], control)
     set_old_atime(watched + [control])
     run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "3d_fullres", "-np", "1",
          "--verify_dataset_integrity"], env, log=os.path.join(root, "plan.log"))
     run(["nnUNetv2_preprocess_unlabeled", "-d", str(DATASET_ID), "-np", "1"], env,
         log=os.path.join(root, "preprocess_unlabeled.log"))
-    return Prepared(root, env, raw, os.path.join(env["nnUNet_preprocessed"], DATASET),
-                    os.path.join(env["nnUNet_results"], DATASET), watched, control)
+    p = Prepared(root, env, raw, os.path.join(env["nnUNet_preprocessed"], DATASET),
+                 os.path.join(env["nnUNet_results"], DATASET), watched, control)
+    yield p
+    # the audit, once every test that used the dataset is done (whatever their order)
+    reads = withheld_reads(p)
+    if reads:
+        pytest.fail(f"withheld labels were read during the tests that used the 'prepared' dataset (Python opens "
+                    f"logged by the audit hook, then reads seen by access time): {reads}", pytrace=False)
 
 
 def train(prepared: Prepared, trainer: str, config: str, epochs: int = 2, iters: int = 3, extra=(), **env) -> str:
@@ -64,7 +73,15 @@ def predict(prepared: Prepared, trainer: str, config: str) -> str:
     return out
 
 
-def withheld_reads(prepared: Prepared) -> List[str]:
+def audit_log(prepared: Prepared) -> List[str]:
+    """Every path with a watched folder name that a Python process of the run opened (the audit hook's log)."""
     log = prepared.env["NNUNET_SEMI_AUDIT_LOG"]
-    python_level = open(log).read().split() if os.path.isfile(log) else []
+    return open(log).read().split() if os.path.isfile(log) else []
+
+
+def withheld_reads(prepared: Prepared) -> List[str]:
+    """Withheld labels read so far: the audit hook's log (without the positive control's own folder) and the
+    withheld labels whose access time changed (C++ readers such as SimpleITK are invisible to the hook)."""
+    control_folder = os.path.dirname(prepared.control) + os.sep
+    python_level = [p for p in audit_log(prepared) if not p.startswith(control_folder)]
     return python_level + atime_changed(prepared.watched)

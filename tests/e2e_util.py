@@ -8,13 +8,7 @@ import sys
 import time
 from typing import Dict, List, Sequence
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-
-
-def shared_data_dir() -> str:
-    """../shared/data beside the repository (or $NNUNET_SEMI_SHARED_DATA)."""
-    return os.environ.get("NNUNET_SEMI_SHARED_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
+from helpers import REPO
 
 
 # An audit hook installed in every Python process of a run (PYTHONPATH sitecustomize): it records each

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import DATASET
 from e2e_util import run
 
 pytestmark = pytest.mark.slow

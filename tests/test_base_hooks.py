@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import ds_targets, goto_step, make_trainer, unlabeled
 from nnunet_semi.ema import ema_decay_at
-from nnunet_semi.methods.crossmatch import CrossMatchTrainer
+from nnunet_semi.methods.crossmatch import CrossMatchTrainer_released
 from nnunet_semi.methods.mean_teacher import MeanTeacherTrainer
 from nnunet_semi.training.auxiliary import AuxiliaryModule, ema_update_from, resolve
-from test_crossmatch import build, ds_targets, minimal_trainer, nnunet_loss, unlabeled
 
 
 def legacy_ema_update(teacher, student, decay):
@@ -36,52 +36,34 @@ def legacy_step(tr, data, target, us):
 
 
 def new_step(tr, data, target, us):
-    tr._grad_norms = {}
     loss, _ = tr.method_step(data, target, us)
     tr.after_optimizer_step()
     return loss
 
 
-def mt_trainer(net, loss_fn):
-    tr = MeanTeacherTrainer.__new__(MeanTeacherTrainer)
-    tr.network, tr.loss, tr.device = net, loss_fn, torch.device("cpu")
-    tr.current_epoch, tr._iter_in_epoch, tr.num_epochs, tr.num_iterations_per_epoch = 0, 0, 10, 10
-    tr.unsup_gate_step = 0
-    tr.grad_scaler, tr._grad_norms, tr.is_ddp = None, {}, False
-    tr.optimizer = torch.optim.SGD(net.parameters(), 0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
-    teacher = copy.deepcopy(net)
-    teacher.requires_grad_(False)
-    teacher.decoder.deep_supervision = False
-    tr.aux = {"teacher": AuxiliaryModule(teacher, ema_sources=("network",), ema_decay=tr.ema_decay)}
-    return tr
-
-
 @pytest.mark.parametrize("method", ["mean_teacher", "crossmatch"])
 def test_default_method_step_reproduces_the_code_before_the_hooks(method):
-    net = build(CrossMatchTrainer, 2, False, deep_supervision=True)
     g = torch.Generator().manual_seed(7)
     data = torch.randn(2, 1, 16, 16, generator=g)
     target = torch.randint(0, 3, (2, 1, 16, 16), generator=g)
-    with torch.no_grad():
-        tgt = ds_targets(net(data), target)
     runs = []
     for use_new in (False, True):
-        n = copy.deepcopy(net)
+        # two trainers built alike (same weights): nnU-Net's SGD, loss and, for Mean Teacher, the EMA teacher
         if method == "mean_teacher":
-            tr = mt_trainer(n, nnunet_loss(len(tgt)))
-            tr.unsup_gate_step, tr.rampup_iters = 0, 2        # the unsupervised term acts from step 0
+            tr = make_trainer(MeanTeacherTrainer, rampup_iters=2)
         else:
-            tr = minimal_trainer(n, nnunet_loss(len(tgt)), 2, tau=0.4)
-            tr.grad_scaler, tr._grad_norms, tr.aux = None, {}, {}
-            tr.optimizer = torch.optim.SGD(n.parameters(), 0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
+            tr = make_trainer(CrossMatchTrainer_released, tau=0.4)
+        tr.unsup_gate_step = 0                               # the unsupervised term acts from step 0
+        with torch.no_grad():
+            tgt = ds_targets(tr.network(data), target)
         torch.manual_seed(11)
         us = [unlabeled(2, (16, 16), views=2) for _ in range(2)]
         losses = []
         for step in range(3):
-            tr._iter_in_epoch = step
+            goto_step(tr, step)
             losses.append((new_step if use_new else legacy_step)(tr, data, tgt, us).item())
         teacher = tr.teacher.state_dict() if tr.teacher is not None else {}
-        runs.append((losses, n.state_dict(), teacher))
+        runs.append((losses, tr.network.state_dict(), teacher))
     (l0, s0, t0), (l1, s1, t1) = runs
     assert l0 == l1 and l0[0] != l0[2]                          # bit-identical losses, and training moved
     assert all(torch.equal(v, s1[k]) for k, v in s0.items())
@@ -124,8 +106,8 @@ def test_auxiliary_module_specs_and_resolution():
 
 
 def test_export_hook_picks_and_restores_the_exported_network():
-    net = build(CrossMatchTrainer, 2, False, deep_supervision=True)
-    tr = mt_trainer(net, None)
+    tr = make_trainer(MeanTeacherTrainer)
+    net = tr.network
     tr.export_network = "student"
     assert tr.export_module() is net
     tr.export_network = "teacher"
@@ -143,7 +125,7 @@ def test_case_metadata_by_the_keys_nnunet_uses(tmp_path, monkeypatch):
     from nnunet_semi.layout import CaseMetadata, find_case_metadata
     md = CaseMetadata()
     md.set("ct_1001", domain="CT", origin_dataset="MMWHS")
-    tr = mt_trainer(build(CrossMatchTrainer, 2, False, deep_supervision=True), None)
+    tr = make_trainer(MeanTeacherTrainer)
     tr.case_metadata = md
     # nnU-Net's loaders hand out numpy strings; a case without metadata gives {}
     assert tr.metadata_of(np.array(["ct_1001", "mr_1"])) == [{"domain": "CT", "origin_dataset": "MMWHS"}, {}]

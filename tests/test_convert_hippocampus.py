@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from helpers import cases_in, shared_data_dir
 from nnunet_semi.conversion import hippocampus as hip
 from nnunet_semi.conversion.common import ConversionError, RawDatasetWriter, run_main
 from nnunet_semi.layout import SemiSplit, check_split_against_raw, load_standard_splits, unlabeled_cases_from_raw
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.environ.get("NNUNET_SEMI_SHARED_DATA", os.path.join(HERE, "..", "..", "shared", "data"))
-HIPPO = os.path.join(SHARED, "hippocampus")
+HIPPO = os.path.join(shared_data_dir(), "hippocampus")
 
 needs_hippo = pytest.mark.skipif(not os.path.isdir(os.path.join(HIPPO, "images")),
                                  reason=f"shared Hippocampus data not found at {HIPPO} "
@@ -27,14 +26,6 @@ def run_convert(argv):
     with contextlib.redirect_stdout(out):
         folder = hip.convert(argv)
     return folder, out.getvalue()
-
-
-def cases_in(folder, sub):
-    d = os.path.join(folder, sub)
-    if not os.path.isdir(d):
-        return set()
-    return {f[: -len("_0000.nii.gz")] if f.endswith("_0000.nii.gz") else f[: -len(".nii.gz")]
-            for f in os.listdir(d)}
 
 
 def write_nii(path, arr_zyx, spacing=(1.0, 1.0, 1.0)):

@@ -4,19 +4,18 @@ import contextlib
 import io
 import json
 import os
-import re
 
 import h5py
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from helpers import cases_in, shared_data_dir
 from nnunet_semi.conversion import acdc, la
 from nnunet_semi.conversion.common import run_main
 from nnunet_semi.layout import SemiSplit, check_split_against_raw, load_standard_splits
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.environ.get("NNUNET_SEMI_SHARED_DATA", os.path.join(HERE, "..", "..", "shared", "data"))
+SHARED = shared_data_dir()
 LA_DIR = os.path.join(SHARED, "la")
 LA_CASES = os.path.join(LA_DIR, "2018LA_Seg_Training Set")
 ACDC_DIR = os.path.join(SHARED, "acdc")
@@ -32,13 +31,6 @@ def capture(fn, argv):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = run_main(fn, argv)
     return rc, out.getvalue(), err.getvalue()
-
-
-def cases_in(folder, sub):
-    d = os.path.join(folder, sub)
-    if not os.path.isdir(d):
-        return set()
-    return {re.sub(r"(_0000)?\.nii\.gz$", "", f) for f in os.listdir(d)}
 
 
 def read_list(path):

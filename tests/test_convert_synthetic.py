@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from helpers import cases_in
 from nnunet_semi.conversion import mmwhs, mnms, pancreas, synapse
 from nnunet_semi.layout import SemiSplit, load_case_metadata, load_standard_splits
 
@@ -43,13 +44,6 @@ def rand_label(rng, values, shape=SHAPE_ZYX):
     for i, v in enumerate(values):  # every value present at least once, at known places
         flat[i * 7 + 3] = v
     return lab
-
-
-def cases_in(folder, sub):
-    d = os.path.join(folder, sub)
-    if not os.path.isdir(d):
-        return set()
-    return {f[: -len("_0000.nii.gz")] if f.endswith("_0000.nii.gz") else f[: -len(".nii.gz")] for f in os.listdir(d)}
 
 
 def read_arr(path):

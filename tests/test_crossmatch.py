@@ -13,9 +13,8 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-from nnunet_semi.data.loader import UnlabeledBatch
+from helpers import LOWEST_DS_HEAD, NUM_CLASSES, build, ds_targets, goto_step, make_trainer, unlabeled
 from nnunet_semi.methods import crossmatch as cm
 from nnunet_semi.methods.crossmatch import (CrossMatchTrainer, CrossMatchTrainer_annealedTau, CrossMatchTrainer_paper,
                                             CrossMatchTrainer_presentClassDice, CrossMatchTrainer_rampUp,
@@ -24,40 +23,10 @@ from nnunet_semi.methods.crossmatch import (CrossMatchTrainer, CrossMatchTrainer
 from nnunet_semi.networks.feature_perturbation import FeaturePerturbationUNet, add_feature_perturbation
 from nnunet_semi.perturbations import channel_dropout_mask, perturb_skips
 
-NUM_CLASSES = 3
-
 
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-def arch(ndim: int, resenc: bool, features=(4, 8, 16)) -> dict:
-    n = len(features)
-    conv = "torch.nn.modules.conv.Conv%dd" % ndim
-    norm = "torch.nn.modules.instancenorm.InstanceNorm%dd" % ndim
-    kwargs = {"n_stages": n, "features_per_stage": list(features), "conv_op": conv,
-              "kernel_sizes": [[3] * ndim] * n, "strides": [[1] * ndim] + [[2] * ndim] * (n - 1),
-              "n_conv_per_stage_decoder": [1] * (n - 1), "conv_bias": True, "norm_op": norm,
-              "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
-              "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
-    if resenc:
-        kwargs["n_blocks_per_stage"] = [1] * n
-        name = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
-    else:
-        kwargs["n_conv_per_stage"] = [1] * n
-        name = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
-    return {"network_class_name": name, "arch_kwargs": kwargs,
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
-
-
-def config_manager(ndim: int, resenc: bool) -> ConfigurationManager:
-    return ConfigurationManager({"architecture": arch(ndim, resenc), "patch_size": [16] * ndim})
-
-
-def build(cls, ndim: int, resenc: bool, deep_supervision: bool, in_ch: int = 1) -> nn.Module:
-    torch.manual_seed(0)
-    return cls.build_network_architecture(None, config_manager(ndim, resenc), in_ch, NUM_CLASSES, deep_supervision)
-
-
 def nnunet_loss(num_outputs: int, ddp: bool = False) -> nn.Module:
     """nnU-Net's _build_loss with deep supervision; the lowest output's weight is 0, or 1e-6 under DDP
     without compile (nnU-Net's own fix for DDP's unused-parameter error)."""
@@ -68,28 +37,18 @@ def nnunet_loss(num_outputs: int, ddp: bool = False) -> nn.Module:
     return DeepSupervisionWrapper(loss, list(w / w.sum()))
 
 
-def minimal_trainer(network, loss, ndim: int, cls=CrossMatchTrainer_released, num_classes: int = NUM_CLASSES,
-                    **attrs):
-    """A CrossMatch trainer with just what compute_loss needs (no plans, dataset or folders); by default the
-    released recipe, whose arithmetic most tests here check against the released code."""
-    tr = cls.__new__(cls)
-    for k, v in attrs.items():
-        setattr(tr, k, v)
-    tr.network, tr.loss, tr.device = network, loss, torch.device("cpu")
-    tr.current_epoch, tr._iter_in_epoch, tr.num_epochs, tr.num_iterations_per_epoch = 0, 0, 10, 10
+def cm_trainer(network=None, loss=None, ndim: int = 2, cls=CrossMatchTrainer_released, num_classes: int = NUM_CLASSES,
+               **attrs):
+    """A real CrossMatch trainer (:func:`helpers.make_trainer`; ``attrs`` are class attributes) with the test's
+    network and loss when given, and the warm-up gate open from step 0 (compute_loss alone does not step it); by
+    default the released recipe, whose arithmetic most tests here check against the released code."""
+    tr = make_trainer(cls, ndim=ndim, num_classes=num_classes, **attrs)
+    if network is not None:
+        tr.network = network
+    if loss is not None:
+        tr.loss = loss
     tr.unsup_gate_step = 0
-    tr.configure_crossmatch(num_classes, ndim)
     return tr
-
-
-def unlabeled(b: int, shape, low: float = -1.0, high: float = 1.0, views: int = 2) -> UnlabeledBatch:
-    r = lambda: low + (high - low) * torch.rand((b, 1) + tuple(shape))
-    return UnlabeledBatch(weak=r(), strong=[r() for _ in range(views)],
-                          valid=torch.ones((b,) + tuple(shape), dtype=torch.bool), keys=[f"u{i}" for i in range(b)])
-
-
-def ds_targets(outputs, target):
-    return [torch.nn.functional.interpolate(target.float(), size=o.shape[2:], mode="nearest") for o in outputs]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +70,7 @@ def test_tau_masking_excludes_exactly_low_confidence_voxels(num_classes):
     conf = torch.tensor([0.6, 0.9, 0.94, 0.951, 0.97, 0.99])[torch.randint(0, 6, shape, generator=g)]
     teacher = _logits_with_confidence(conf, label, num_classes)
     student = torch.randn((2, num_classes) + shape[1:], generator=g)
-    tr = minimal_trainer(None, None, 2, num_classes=num_classes)
+    tr = cm_trainer(None, None, 2, num_classes=num_classes)
     tau = 0.95
     y, c = cm.pseudo_label(teacher)
     assert torch.equal(y, label) and torch.allclose(c, conf, atol=1e-6)
@@ -150,7 +109,7 @@ def test_pseudo_labels_carry_no_gradient():
     p_w, p_ww, p_ws, p_s1, p_s2, p_s2w, p_s2s, mix, mixw, mixs = (leaf() for _ in range(10))
     box = torch.zeros((2, 8, 8), dtype=torch.bool)
     box[:, 2:5, 3:7] = True
-    tr = minimal_trainer(None, None, 2)
+    tr = cm_trainer(None, None, 2)
     streams, source = StudentStreams(p_w, p_ww, p_ws, p_s1, p_s2, p_s2w, p_s2s), MixSource(mix, mixw, mixs, box, box)
     terms = crossmatch_unsupervised_terms(streams, source, 0.0, tr.unsup_dice)
     y, c = cm.pseudo_label(p_w)
@@ -197,8 +156,8 @@ def test_cutmix_region_of_images_labels_and_confidences_line_up(monkeypatch, sin
     boxes = []
     real_boxes = cm.cutmix_box_masks
     monkeypatch.setattr(cm, "cutmix_box_masks", lambda *a, **k: boxes.append(real_boxes(*a, **k)) or boxes[-1])
-    tr = minimal_trainer(VoxelNet(), lambda out, tgt: out.float().mean() * 0, 3, num_classes=2, cutmix_p=1.0,
-                         tau=tau, single_student_pass=single_pass)
+    tr = cm_trainer(VoxelNet(), lambda out, tgt: out.float().mean() * 0, 3, num_classes=2, cutmix_p=1.0,
+                    tau=tau, single_student_pass=single_pass)
     calls = []
     real_dice = tr.unsup_dice
     tr.unsup_dice = lambda logits, y, keep: calls.append((logits.detach(), y, keep)) or real_dice(logits, y, keep)
@@ -232,8 +191,8 @@ def test_paper_time_bug_variant_takes_dropout_labels_from_the_same_image(monkeyp
     torch.manual_seed(4)
     shape, b = (12, 10), 2
     u, m = unlabeled(b, shape, -2.0, -0.05), unlabeled(b, shape, 0.05, 2.0)
-    tr = minimal_trainer(VoxelNet(), lambda out, tgt: out.float().mean() * 0, 2, num_classes=2, cutmix_p=1.0,
-                         fp_labels_from_mix_source=False)
+    tr = cm_trainer(VoxelNet(), lambda out, tgt: out.float().mean() * 0, 2, num_classes=2, cutmix_p=1.0,
+                    fp_labels_from_mix_source=False)
     calls = []
     tr.unsup_dice = lambda logits, y, keep: calls.append(y) or logits.float().mean()
     tr.compute_loss(torch.randn((b, 1) + shape), None, [u, m])
@@ -338,18 +297,17 @@ def test_compute_loss_finite_and_every_parameter_gets_a_gradient(ndim, resenc, s
     data, target, us = _step_inputs(ndim)
     with torch.no_grad():
         n_out = len(net(data))
-    lowest_head = {f"decoder.seg_layers.0.{k}" for k in ("weight", "bias")}
     for ddp in (True, False):
         net.zero_grad(set_to_none=True)
-        tr = minimal_trainer(net, nnunet_loss(n_out, ddp), ndim, single_student_pass=single_pass, tau=0.4)
-        tr._iter_in_epoch = 3
+        tr = cm_trainer(net, nnunet_loss(n_out, ddp), ndim, single_student_pass=single_pass, tau=0.4)
+        goto_step(tr, 3)
         loss, terms = tr.compute_loss(data, ds_targets(net(data), target), us)
         assert set(terms) == set(cm.LOG_TERMS)
         assert torch.isfinite(loss) and all(math.isfinite(float(v)) for v in terms.values())
         assert float(terms["tau"]) == 0.4 and 0 <= float(terms["mask_ratio"]) <= 1
         loss.backward()
         for name, p in net.named_parameters():
-            if not ddp and name in lowest_head:
+            if not ddp and name.startswith(LOWEST_DS_HEAD):
                 # nnU-Net weights the lowest DS output 0 outside DDP (stock nnU-Net: no gradient there either)
                 assert p.grad is None, name
                 continue
@@ -366,8 +324,8 @@ def test_single_pass_equals_the_released_codes_two_passes():
         loss_fn = nnunet_loss(len(tgt))
     results = []
     for single in (True, False):
-        tr = minimal_trainer(net, loss_fn, 2, single_student_pass=single, fp_dropout_weak=0.0,
-                             fp_dropout_strong=0.0, tau=0.3)
+        tr = cm_trainer(net, loss_fn, 2, single_student_pass=single, fp_dropout_weak=0.0,
+                        fp_dropout_strong=0.0, tau=0.3)
         torch.manual_seed(11)   # same CutMix boxes
         loss, terms = tr.compute_loss(data, tgt, us)
         results.append((loss.item(), {k: float(v) for k, v in terms.items()}))
@@ -378,14 +336,14 @@ def test_single_pass_equals_the_released_codes_two_passes():
 
 def test_loss_weighting_and_variants():
     # weighted sum as documented, with stand-in terms
-    tr = minimal_trainer(None, None, 2)
+    tr = cm_trainer(None, None, 2)
     assert (tr.weight_s1, tr.weight_s2, tr.kd_weight, tr.loss_divisor, tr.sup_loss_scale) == (0.25, 0.25, 0.5, 2, 0.5)
-    assert minimal_trainer(None, None, 3).kd_weight == 1.0
-    paper = minimal_trainer(None, None, 2, cls=CrossMatchTrainer_paper)
+    assert cm_trainer(None, None, 3).kd_weight == 1.0
+    paper = cm_trainer(None, None, 2, cls=CrossMatchTrainer_paper)
     assert (paper.tau, paper.weight_s1, paper.weight_s2, paper.kd_weight, paper.loss_divisor) == (0.85, 0.5, 0.5, 1, 3)
-    binary = minimal_trainer(None, None, 3, num_classes=2)
+    binary = cm_trainer(None, None, 3, num_classes=2)
     assert (binary.dice_bg, binary.dice_eps) == (False, 1e-5)
-    multi = minimal_trainer(None, None, 2, num_classes=4)
+    multi = cm_trainer(None, None, 2, num_classes=4)
     assert (multi.dice_bg, multi.dice_eps) == (True, 1e-4)
     assert CrossMatchTrainer.num_strong_views == 2 and CrossMatchTrainer.unlabeled_batches_per_step == 2
 
@@ -396,13 +354,12 @@ def test_annealed_tau_follows_the_la_code():
     end = annealed_tau(14000, 17000, 0.75)
     assert end == pytest.approx((0.75 + 0.25 * math.exp(-5 * (1 - 13999 / 17000) ** 2)) * math.log(2))
     assert 0.66 < end < 0.67
-    tr = minimal_trainer(None, None, 3, cls=CrossMatchTrainer_annealedTau)
+    tr = cm_trainer(None, None, 3, cls=CrossMatchTrainer_annealedTau)
     tr.num_epochs, tr.num_iterations_per_epoch = 14, 1000
-    tr.current_epoch, tr._iter_in_epoch = 0, 0
-    assert tr.tau_now() == 0.75
-    tr.current_epoch, tr._iter_in_epoch = 13, 1000     # step 14000 of 14000: the LA code's 17000-step ramp
+    assert goto_step(tr, 0).tau_now() == 0.75
+    goto_step(tr, 14000)     # step 14000 of 14000: the LA code's 17000-step ramp
     assert tr.tau_now() == pytest.approx(end)
-    assert minimal_trainer(None, None, 3).tau_now() == 0.95
+    assert cm_trainer(None, None, 3).tau_now() == 0.95
 
 
 @pytest.mark.parametrize("single_pass", [True, False])
@@ -414,15 +371,16 @@ def test_ddp_without_find_unused_parameters(tmp_path, single_pass):
     from torch.nn.parallel import DistributedDataParallel as DDP
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
+    # the trainers are built before the process group (nnU-Net's __init__ moves a trainer of one to CUDA)
+    trainers = [cm_trainer(tau=0.4, single_student_pass=single_pass) for _ in range(2)]
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        for ddp_weights, ok in ((True, True), (False, False)):
+        for tr, (ddp_weights, ok) in zip(trainers, ((True, True), (False, False))):
             net = build(CrossMatchTrainer, 2, False, deep_supervision=True)
             data, target, us = _step_inputs(2)
             with torch.no_grad():
                 tgt = ds_targets(net(data), target)
-            tr = minimal_trainer(DDP(net), nnunet_loss(len(tgt), ddp_weights), 2, tau=0.4,
-                                 single_student_pass=single_pass)
+            tr.network, tr.loss = DDP(net), nnunet_loss(len(tgt), ddp_weights)
 
             def steps():
                 for _ in range(3):
@@ -444,8 +402,8 @@ def test_total_keeps_nnunet_loss_scale_and_the_codes_ratios():
         loss_fn = nnunet_loss(len(tgt))
     totals = {}
     for keep in (True, False):
-        tr = minimal_trainer(net, loss_fn, 2, keep_nnunet_loss_scale=keep, fp_dropout_weak=0.0,
-                             fp_dropout_strong=0.0, tau=0.3)
+        tr = cm_trainer(net, loss_fn, 2, keep_nnunet_loss_scale=keep, fp_dropout_weak=0.0,
+                        fp_dropout_strong=0.0, tau=0.3)
         torch.manual_seed(5)
         with torch.no_grad():
             totals[keep], terms = tr.compute_loss(data, tgt, us)
@@ -461,7 +419,7 @@ def test_mix_source_runs_only_the_samples_whose_box_is_used():
     seen = []
     real_forward = net.forward
     net.forward = lambda x, **kw: seen.append((x.shape[0], kw.get("fp_from"))) or real_forward(x, **kw)
-    tr = minimal_trainer(net, None, 2)
+    tr = cm_trainer(net, None, 2)
     m = torch.randn(4, 1, 16, 16)
     fp = {"p_weak": 0.0, "p_strong": 0.0}   # dropout streams == clean stream, so rows can be compared
     with torch.no_grad():
@@ -493,7 +451,7 @@ def test_mixed_precision_step_matches_float32():
     data, target, us = _step_inputs(2, seed=5)
     with torch.no_grad():
         tgt = ds_targets(net(data), target)
-    tr = minimal_trainer(net, nnunet_loss(len(tgt)), 2, tau=0.4, cutmix_p=1.0)
+    tr = cm_trainer(net, nnunet_loss(len(tgt)), 2, tau=0.4, cutmix_p=1.0)
     losses = []
     for amp in (False, True):
         net.zero_grad(set_to_none=True)
@@ -503,7 +461,7 @@ def test_mixed_precision_step_matches_float32():
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
         loss.backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in net.named_parameters()
-                   if not n.startswith("decoder.seg_layers.0."))
+                   if not n.startswith(LOWEST_DS_HEAD))
         losses.append(loss.item())
     assert losses[1] == pytest.approx(losses[0], rel=0.05)
 
@@ -520,8 +478,8 @@ def test_rampup_variant_scales_only_the_unsupervised_terms():
     for step, factor in ((0, math.exp(-5)), (25, math.exp(-5 * 0.25)), (50, 1.0), (80, 1.0)):
         totals = {}
         for cls in (CrossMatchTrainer_released, CrossMatchTrainer_rampUp):
-            tr = minimal_trainer(net, loss_fn, 2, cls=cls, fp_dropout_weak=0.0, fp_dropout_strong=0.0, tau=0.3)
-            tr.current_epoch, tr._iter_in_epoch = divmod(step, tr.num_iterations_per_epoch)
+            tr = cm_trainer(net, loss_fn, 2, cls=cls, fp_dropout_weak=0.0, fp_dropout_strong=0.0, tau=0.3)
+            goto_step(tr, step)
             assert tr.total_steps == steps
             torch.manual_seed(6)
             with torch.no_grad():
@@ -543,8 +501,8 @@ def test_present_class_dice_variant_ignores_classes_absent_from_the_pseudo_label
     target = torch.zeros(2, 8, 8, dtype=torch.long)
     target[0, :2, :2] = 1                                 # class 1 present in the batch, class 2 absent
     keep = torch.ones(2, 8, 8, dtype=torch.bool)
-    default = minimal_trainer(None, None, 2)
-    variant = minimal_trainer(None, None, 2, cls=CrossMatchTrainer_presentClassDice)
+    default = cm_trainer(None, None, 2)
+    variant = cm_trainer(None, None, 2, cls=CrossMatchTrainer_presentClassDice)
     assert not default.dice_skip_absent_classes and variant.dice_skip_absent_classes
     kw = dict(include_background=True, smooth=1e-4, squared_denominator=True, batch_dice=True)
     probs = torch.softmax(logits, 1)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from e2e_util import make_env, run, shared_data_dir
+from e2e_util import make_env, run
+from helpers import shared_data_dir
 
 pytestmark = pytest.mark.slow
 

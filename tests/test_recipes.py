@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2.training.logging.nnunet_logger import MetaLogger
-
+from helpers import config_manager, goto_step, make_trainer
 from nnunet_semi import losses
 from nnunet_semi.methods.crossmatch import CrossMatchTrainer, CrossMatchTrainer_released
 from nnunet_semi.methods.mean_teacher import MeanTeacherTrainer, MeanTeacherTrainer_released
@@ -18,21 +17,13 @@ from nnunet_semi.training import budget
 from nnunet_semi.training.base import SemiSupervisedTrainer
 
 
-def stub(cls, epochs: int = 10, iters: int = 100, **attrs):
-    """A trainer of ``cls`` with only what the schedule needs (no plans, data or folders)."""
-    tr = cls.__new__(cls)
-    tr.logger = MetaLogger(None, False)        # nnU-Net's own logger, as the trainers have it
-    tr.current_epoch, tr._iter_in_epoch, tr.num_epochs, tr.num_iterations_per_epoch = 0, 0, epochs, iters
-    tr.unsup_gate_step = None
-    tr.print_to_log_file = lambda *a, **k: None
-    for k, v in attrs.items():
-        setattr(tr, k, v)
-    return tr
+def trainer(cls, **class_attrs):
+    """A real trainer of ``cls`` (:func:`helpers.make_trainer`) for 10 epochs x 100 iterations."""
+    return make_trainer(cls, epochs=10, iters=100, **class_attrs)
 
 
 def at_step(tr, step: int):
-    tr.current_epoch, tr._iter_in_epoch = divmod(step, tr.num_iterations_per_epoch)
-    tr.update_unsup_gate()
+    goto_step(tr, step).update_unsup_gate()
     return tr.rampup_factor()
 
 
@@ -40,7 +31,7 @@ def at_step(tr, step: int):
 # warm-up gate and ramp
 # ----------------------------------------------------------------------------------------------
 def test_warmup_gate_is_exactly_zero_then_follows_the_ramp():
-    tr = stub(MeanTeacherTrainer, warmup_iters=250, warmup_pseudo_dice=0.5, rampup_iters=500)
+    tr = trainer(MeanTeacherTrainer, warmup_iters=250, warmup_pseudo_dice=0.5, rampup_iters=500)
     # before warmup_iters: 0 whatever the pseudo Dice
     tr.logger.local_logger.my_fantastic_logging["ema_fg_dice"] = [0.9]
     assert at_step(tr, 0) == 0.0 and at_step(tr, 249) == 0.0 and tr.unsup_gate_step is None
@@ -60,28 +51,26 @@ def test_warmup_gate_is_exactly_zero_then_follows_the_ramp():
 
 def test_without_warmup_the_schedule_is_the_old_fraction_ramp():
     """Released recipes (no warm-up, ramp as a fraction of the run) keep their old factors exactly."""
-    tr = stub(MeanTeacherTrainer_released)
+    tr = trainer(MeanTeacherTrainer_released)
     total = tr.total_steps
     for step in (0, 1, 250, 999):
         assert at_step(tr, step) == pytest.approx(math.exp(-5 * (1 - step / total) ** 2))
     assert tr.unsup_gate_step == 0
-    cm = stub(CrossMatchTrainer_released)
+    cm = trainer(CrossMatchTrainer_released)
     assert at_step(cm, 0) == 1.0 and at_step(cm, 500) == 1.0
 
 
 def test_gate_state_round_trips_through_the_checkpoint_state(monkeypatch):
-    tr = stub(MeanTeacherTrainer, warmup_iters=10, warmup_pseudo_dice=None, rampup_iters=20,
-              export_network="student", aux={}, network=nn.Linear(2, 2))
+    tr = trainer(MeanTeacherTrainer, warmup_iters=10, warmup_pseudo_dice=None, rampup_iters=20)
     at_step(tr, 15)
     assert tr.unsup_gate_step == 15
     state = SemiSupervisedTrainer.semi_state_dict(tr)
     assert state["unsup_gate_step"] == 15
-    fresh = stub(MeanTeacherTrainer, warmup_iters=10, warmup_pseudo_dice=None, rampup_iters=20, aux={},
-                 network=nn.Linear(2, 2))
+    fresh = trainer(MeanTeacherTrainer, warmup_iters=10, warmup_pseudo_dice=None, rampup_iters=20)
     fresh.load_semi_state_dict(state)
     assert fresh.unsup_gate_step == 15
-    fresh.current_epoch, fresh._iter_in_epoch = 0, 25
-    tr.current_epoch, tr._iter_in_epoch = 0, 25
+    goto_step(fresh, 25)
+    goto_step(tr, 25)
     assert fresh.rampup_factor() == tr.rampup_factor() == pytest.approx(math.exp(-5 * 0.25))
     # a checkpoint of a semi-supervised trainer from before the gate existed: its schedule began at step 0
     old = {k: v for k, v in state.items() if k != "unsup_gate_step"}
@@ -90,7 +79,7 @@ def test_gate_state_round_trips_through_the_checkpoint_state(monkeypatch):
 
 
 def test_schedule_variables(monkeypatch):
-    tr = stub(MeanTeacherTrainer)
+    tr = trainer(MeanTeacherTrainer)
     monkeypatch.setenv("nnUNet_semi_warmup_iters", "0")
     monkeypatch.setenv("nnUNet_semi_warmup_pseudo_dice", "none")
     monkeypatch.setenv("nnUNet_semi_rampup_iters", "12")
@@ -112,8 +101,9 @@ def test_schedule_variables(monkeypatch):
 def test_optimizer_step_keeps_the_norm_before_clipping():
     torch.manual_seed(0)
     net = nn.Linear(4, 3)
-    tr = stub(MeanTeacherTrainer, network=net, grad_scaler=None, _grad_norms={},
-              optimizer=torch.optim.SGD(net.parameters(), lr=0.0))
+    tr = trainer(MeanTeacherTrainer)        # (leaves the global RNG as it was)
+    assert tr.grad_scaler is None           # on the CPU
+    tr.network, tr.optimizer = net, torch.optim.SGD(net.parameters(), lr=0.0)
     x = torch.randn(8, 4) * 50
     loss = (net(x) ** 2).sum()
     expected = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(net.parameters()), retain_graph=True)])
@@ -171,19 +161,13 @@ def test_mean_teacher_recipes():
 # ----------------------------------------------------------------------------------------------
 # CrossMatch: CE beside the Dice, foreground Dice over present classes, full-resolution ratio
 # ----------------------------------------------------------------------------------------------
-def _cm(cls, **attrs):
-    tr = stub(cls, **attrs)
-    tr.configure_crossmatch(3, 2)
-    return tr
-
-
 def test_crossmatch_default_unsupervised_term_is_ce_plus_present_foreground_dice():
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(2, 3, 8, 8, generator=g)
     target = torch.zeros(2, 8, 8, dtype=torch.long)
     target[0, :3, :3] = 1                                   # class 2 absent from the pseudo-label
     keep = torch.rand(2, 8, 8, generator=g) > 0.3
-    tr = _cm(CrossMatchTrainer)
+    tr = trainer(CrossMatchTrainer)
     p = torch.softmax(logits, 1)
     y = (target == 1) & keep
     pk = p[:, 1] * keep
@@ -191,14 +175,15 @@ def test_crossmatch_default_unsupervised_term_is_ce_plus_present_foreground_dice
     ce = F.cross_entropy(logits, target, reduction="none")[keep].mean()
     assert tr.unsup_dice(logits, target, keep).item() == pytest.approx((dice1 + ce).item(), rel=1e-5)
     # the released recipe: Dice over all three classes (absent class included), no CE
-    rel = _cm(CrossMatchTrainer_released)
+    rel = trainer(CrossMatchTrainer_released)
     assert rel.unsup_dice(logits, target, keep).item() == pytest.approx(
         losses.masked_dice_loss(p, target, keep, include_background=True, smooth=1e-4, squared_denominator=True).item(),
         rel=1e-6)
 
 
 def test_crossmatch_full_resolution_ratio_option():
-    tr = _cm(CrossMatchTrainer, enable_deep_supervision=True)
+    tr = trainer(CrossMatchTrainer)
+    assert tr.enable_deep_supervision
     tr.loss = type("DS", (), {"weight_factors": [1 / 1.5, 0.5 / 1.5, 0.0]})()
     assert tr.full_resolution_weight() == pytest.approx(2 / 3)
     tr.enable_deep_supervision = False
@@ -220,7 +205,6 @@ def test_crossmatch_recipes():
 # DDP with batch norm: the same mix-source collectives on every rank
 # ----------------------------------------------------------------------------------------------
 def _bn_unet(norm: str):
-    from test_crossmatch import config_manager  # tiny nnU-Net networks
     cmgr = config_manager(2, False)
     cmgr.configuration["architecture"]["arch_kwargs"]["norm_op"] = norm
     torch.manual_seed(0)
@@ -236,7 +220,8 @@ def test_mix_source_runs_every_sample_under_ddp_with_batch_norm(ddp, norm, every
     seen = []
     real = net.forward
     net.forward = lambda x, **kw: seen.append((x.shape[0], kw.get("fp_from"))) or real(x, **kw)
-    tr = _cm(CrossMatchTrainer, network=net, is_ddp=ddp)
+    tr = trainer(CrossMatchTrainer)
+    tr.network, tr.is_ddp = net, ddp
     assert tr.mix_source_on_every_sample() == every
     m = torch.randn(4, 1, 16, 16)
     none = torch.zeros(4, 16, 16, dtype=torch.bool)       # this rank drew no CutMix box at all

@@ -8,41 +8,26 @@ import os
 import pytest
 import torch
 
+from helpers import LOWEST_DS_HEAD, NUM_CLASSES, build, config_manager, ds_targets, make_trainer
 from nnunet_semi.data.loader import UnlabeledBatch
 from nnunet_semi.losses import pseudo_label
 from nnunet_semi.methods import reciprocal_learning as rl
 from nnunet_semi.methods.reciprocal_learning import (ReciprocalLearningTrainer, ReciprocalLearningTrainer_released,
                                                      load_teacher_checkpoint)
-from nnunet_semi.training.auxiliary import AuxiliaryModule
-from test_crossmatch import config_manager, ds_targets, nnunet_loss
-
-NUM_CLASSES = 3
 
 
 def tiny_net(seed: int, ds: bool = True):
-    torch.manual_seed(seed)
-    return ReciprocalLearningTrainer.build_network_architecture(None, config_manager(2, False), 1, NUM_CLASSES, ds)
+    return build(ReciprocalLearningTrainer, 2, False, ds, seed=seed)
 
 
-def stub(cls=ReciprocalLearningTrainer, lr: float = 0.01, ddp: bool = False, **attrs):
-    """A trainer with only what method_step needs: student, teacher (auxiliary module), both optimizers."""
-    tr = cls.__new__(cls)
-    tr.device, tr.grad_scaler, tr.is_ddp, tr.local_rank = torch.device("cpu"), None, ddp, 0
-    tr.current_epoch, tr._iter_in_epoch, tr.num_epochs, tr.num_iterations_per_epoch = 0, 0, 10, 10
-    tr.enable_deep_supervision, tr.teacher_pretrained, tr._grad_norms = True, True, {}
-    tr.unsup_gate_step, tr.print_to_log_file = 0, (lambda *a, **k: None)
-    tr.initial_lr, tr.weight_decay = lr, 3e-5
-    for k, v in attrs.items():
-        setattr(tr, k, v)
-    tr.network = tiny_net(0)
-    teacher = tiny_net(1)
-    tr.optimizer, tr.lr_scheduler = tr.make_optimizer(tr.network)
-    opt_t, sched_t = tr.make_optimizer(teacher)
-    tr.aux = {"teacher": AuxiliaryModule(teacher, trainable=True, optimizer=opt_t, lr_scheduler=sched_t,
-                                         grad_clip=tr.teacher_grad_clip)}
-    with torch.no_grad():
-        n_out = len(tr.network(torch.zeros(1, 1, 16, 16)))
-    tr.loss = nnunet_loss(n_out, ddp)
+def rl_trainer(cls=ReciprocalLearningTrainer, teacher_pretrained: bool = True, root=None, **class_attrs):
+    """A real trainer of ``cls`` (:func:`helpers.make_trainer`: student, teacher as auxiliary module, both
+    optimizers, nnU-Net's loss) whose student and teacher start from ``tiny_net(0)`` and ``tiny_net(1)``; with
+    ``teacher_pretrained`` (as from a teacher checkpoint) the reciprocal step runs from step 0."""
+    tr = make_trainer(cls, root=root, **class_attrs)
+    tr.network.load_state_dict(tiny_net(0).state_dict())
+    tr.aux["teacher"].module.load_state_dict(tiny_net(1).state_dict())
+    tr.teacher_pretrained = teacher_pretrained
     return tr
 
 
@@ -82,7 +67,7 @@ def reference(tr, s0, t0, data, target, x_u):
 
 @pytest.mark.parametrize("cls", [ReciprocalLearningTrainer, ReciprocalLearningTrainer_released])
 def test_feedback_and_teacher_gradient_match_an_independent_computation(cls):
-    tr = stub(cls, teacher_grad_clip=None)   # unclipped, so the teacher's .grad is the raw composed gradient
+    tr = rl_trainer(cls, teacher_grad_clip=None)   # unclipped, so the teacher's .grad is the raw composed gradient
     tr.aux["teacher"].grad_clip = None
     data, target, u = batch(0)
     s0, t0 = copy.deepcopy(tr.network), copy.deepcopy(tr.aux["teacher"].module)
@@ -109,19 +94,19 @@ def test_feedback_and_teacher_gradient_match_an_independent_computation(cls):
 
 def test_every_teacher_parameter_gets_a_gradient_and_the_step_is_finite():
     for cls in (ReciprocalLearningTrainer, ReciprocalLearningTrainer_released):
-        tr = stub(cls)
+        tr = rl_trainer(cls)
         data, target, u = batch(1)
         tgt = ds_targets(tr.network(data), target)
         loss, terms = tr.method_step(data, tgt, [u])
         assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in terms.values())
         # (without DDP nnU-Net's deep-supervision weights leave the lowest head at weight 0, as in nnU-Net)
         assert all(p.grad is not None and torch.isfinite(p.grad).all()
-                   for n, p in tr.aux["teacher"].module.named_parameters() if not n.startswith("decoder.seg_layers.0."))
+                   for n, p in tr.aux["teacher"].module.named_parameters() if not n.startswith(LOWEST_DS_HEAD))
         assert set(tr._grad_norms) == {"network", "teacher"}
 
 
 def test_teacher_warmup_trains_the_teacher_alone():
-    tr = stub(teacher_pretrained=False, teacher_warmup_fraction=0.5)
+    tr = rl_trainer(teacher_pretrained=False, teacher_warmup_fraction=0.5)
     assert tr.teacher_warmup_iters() == 50
     data, target, u = batch(2)
     tgt = ds_targets(tr.network(data), target)
@@ -137,16 +122,15 @@ def test_teacher_warmup_trains_the_teacher_alone():
 
 
 def test_auxiliary_state_round_trips(tmp_path):
-    tr = stub()
+    tr = rl_trainer()
     data, target, u = batch(3)
     tgt = ds_targets(tr.network(data), target)
     for _ in range(2):
         tr.method_step(data, tgt, [u])
-    tr.export_network, tr.teacher_pretrained = "student", False
-    tr.semi_hparams = lambda: {}
+    tr.teacher_pretrained = False
     path = str(tmp_path / "state.pth")
     torch.save(tr.semi_state_dict(), path)
-    fresh = stub()
+    fresh = rl_trainer()
     fresh.load_semi_state_dict(torch.load(path, weights_only=False))
     a, b = tr.aux["teacher"], fresh.aux["teacher"]
     assert all(torch.equal(v, b.module.state_dict()[k]) for k, v in a.module.state_dict().items())
@@ -161,7 +145,7 @@ def test_auxiliary_state_round_trips(tmp_path):
         assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"] < 0.01
     assert fresh.teacher_pretrained is False
     # the released optimiser's step schedule round-trips too and decays as released
-    rel = stub(ReciprocalLearningTrainer_released)
+    rel = rl_trainer(ReciprocalLearningTrainer_released)
     sched = rel.aux["teacher"].lr_scheduler
     rel.num_iterations_per_epoch = 250
     sched.iters_per_epoch = 250
@@ -194,10 +178,13 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     torch.set_num_threads(1)
+    # built before the process group (nnU-Net's __init__ moves a trainer of one to CUDA), then made a DDP
+    # trainer as nnU-Net's initialize() does on CUDA: DDP loss weights, wrapped network and teacher
+    tr = rl_trainer(root=os.path.join(out_dir, f"trainer_rank{rank}"))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        tr = stub(ddp=True)
-        tr.local_rank = rank
+        tr.is_ddp, tr.local_rank = True, rank
+        tr.loss = tr._build_loss()
         tr.network = DDP(tr.network)
         tr.optimizer, tr.lr_scheduler = tr.make_optimizer(tr.network)
         tr.setup_auxiliary_modules()

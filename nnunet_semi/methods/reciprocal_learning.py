@@ -106,12 +106,17 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
     #: 'student' (released) or 'teacher'
     export_network: str = "student"
 
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        #: True when the teacher was loaded from nnUNet_semi_teacher_checkpoint (no in-run warm-up then)
+        self.teacher_pretrained = False
+
     def initialize(self):
         if self.loss_recipe not in ("nnunet", "ce"):
             raise ValueError(f"{type(self).__name__}.loss_recipe must be 'nnunet' or 'ce'")
         if self.optimizer_recipe not in ("nnunet", "released"):
             raise ValueError(f"{type(self).__name__}.optimizer_recipe must be 'nnunet' or 'released'")
-        self.teacher_pretrained = False
         super().initialize()
         self.print_to_log_file(
             f"Reciprocal Learning: loss {self.loss_recipe}, optimizers {self.optimizer_recipe}, teacher "
