@@ -121,3 +121,36 @@ def consistency_loss(kind: str, student_logits: torch.Tensor, teacher_logits: to
     kept = (conf >= conf_thresh) if conf_thresh is not None else torch.ones_like(conf, dtype=torch.bool)
     stats = {"pl_confidence": masked_mean(conf, valid).detach(), "mask_ratio": masked_mean(kept, valid).detach()}
     return loss, stats
+
+
+def gaussian_kernel(ndim: int, size: int = 3, sigma: float = 1.0) -> torch.Tensor:
+    """A normalised ``size``^ndim Gaussian (separable product of 1-D Gaussians), float32."""
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    k = g
+    for _ in range(ndim - 1):
+        k = k.unsqueeze(-1) * g
+    return (k / k.sum()).float()
+
+
+def gaussian_smooth(x: torch.Tensor, size: int = 3, sigma: float = 1.0) -> torch.Tensor:
+    """Depthwise Gaussian smoothing of (B, C, *spatial), zero padding to the same size."""
+    ndim = x.ndim - 2
+    k = gaussian_kernel(ndim, size, sigma).to(x.device, x.dtype)
+    weight = k.expand(x.shape[1], 1, *k.shape).contiguous()
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[ndim]
+    return conv(x, weight, padding=size // 2, groups=x.shape[1])
+
+
+@torch.no_grad()
+def reparameterize_and_smooth(x0_diffusion: torch.Tensor, logits_difficulty: torch.Tensor,
+                              gumbel: Optional[torch.Tensor] = None, tau: float = 1.0) -> torch.Tensor:
+    """A&D's R&S pseudo-label fusion: argmax_c [G * GumbelSoftmax(x0; tau) + softmax(logits)], with the
+    denoising decoder's sampled x_0 (in [-1, 1], taken as logits) and the difficulty-aware decoder's logits;
+    G a depthwise 3x3(x3) Gaussian (sigma 1). ``gumbel`` (standard Gumbel noise, -log(-log U)) replaces the
+    random draw. No gradient reaches either decoder."""
+    x0 = x0_diffusion.detach().float()
+    g = -torch.log(-torch.log(torch.rand_like(x0).clamp(1e-20, 1.0))) if gumbel is None else gumbel
+    soft = torch.softmax((x0 + g) / tau, dim=1)
+    fused = gaussian_smooth(soft) + torch.softmax(logits_difficulty.detach().float(), dim=1)
+    return fused.argmax(1)

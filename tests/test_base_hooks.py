@@ -135,3 +135,27 @@ def test_case_metadata_by_the_keys_nnunet_uses(tmp_path, monkeypatch):
     (pre / "case_metadata.json").write_text('{"format": 1, "cases": {"ct_1001": {"domain": "CT"}}}')
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "no_raw"))
     assert find_case_metadata(str(pre)).domain_of("ct_1001") == "CT"
+
+
+def test_an_ema_rule_can_target_part_of_the_trained_network():
+    """A&D's decoupling: the exported network's decoder is trained by SGD and also moved towards the mean of
+    two auxiliary decoders after each iteration (matched by parameter name); nnU-Net's decoder holds a reference
+    to the encoder, which the rule excludes."""
+    tr = make_trainer(MeanTeacherTrainer)
+    net = tr.network
+    torch.manual_seed(3)
+    d_xi, d_psi = (copy.deepcopy(net.decoder) for _ in range(2))
+    for d in (d_xi, d_psi):
+        for p in d.parameters():
+            p.data.add_(torch.randn_like(p))
+    tr.aux = {"d_xi": AuxiliaryModule(d_xi, trainable=True), "d_psi": AuxiliaryModule(d_psi, trainable=True)}
+    tr.ema_rules = lambda: [("network.decoder", ("d_xi", "d_psi"), 0.9, False, ("encoder.",))]
+    before = copy.deepcopy(net.state_dict())
+    tr.update_ema_modules()
+    name = "stages.0.convs.0.conv.weight"
+    expected = 0.9 * before["decoder." + name] + 0.1 * (d_xi.state_dict()[name] + d_psi.state_dict()[name]) / 2
+    torch.testing.assert_close(net.decoder.state_dict()[name], expected)
+    # the encoder (reached through the decoder's reference too) is untouched
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items() if "encoder." in k)
+    changed = [k for k, v in net.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(k.startswith("decoder.") and not k.startswith("decoder.encoder.") for k in changed)

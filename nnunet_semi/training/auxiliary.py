@@ -70,14 +70,17 @@ def resolve(path: str, network: nn.Module, aux: Dict[str, AuxiliaryModule]) -> n
     return module.get_submodule(rest) if rest else module
 
 
-def matched_tensors(target: nn.Module, sources: Sequence[nn.Module]) -> List[Tuple[str, torch.Tensor,
-                                                                                    List[torch.Tensor]]]:
+def matched_tensors(target: nn.Module, sources: Sequence[nn.Module], exclude: Sequence[str] = ()
+                    ) -> List[Tuple[str, torch.Tensor, List[torch.Tensor]]]:
     """``(name, target tensor, source tensors)`` for every parameter and buffer of ``target`` whose name
     exists in every source with the same shape (parameters and buffers as ``named_parameters`` /
-    ``named_buffers`` list them: each shared tensor once)."""
+    ``named_buffers`` list them: each shared tensor once), except names starting with a prefix in
+    ``exclude`` (nnU-Net's decoders hold a reference to the encoder: ``'encoder.'`` keeps it out)."""
     out = []
     src = [dict(list(s.named_parameters()) + list(s.named_buffers())) for s in sources]
     for name, t in list(target.named_parameters()) + list(target.named_buffers()):
+        if any(name.startswith(x) for x in exclude):
+            continue
         ss = [d.get(name) for d in src]
         if all(s is not None and s.shape == t.shape for s in ss):
             out.append((name, t, ss))
@@ -85,12 +88,13 @@ def matched_tensors(target: nn.Module, sources: Sequence[nn.Module]) -> List[Tup
 
 
 @torch.no_grad()
-def ema_update_from(target: nn.Module, sources: Sequence[nn.Module], decay: float) -> List[str]:
+def ema_update_from(target: nn.Module, sources: Sequence[nn.Module], decay: float,
+                    exclude: Sequence[str] = ()) -> List[str]:
     """target <- decay * target + (1 - decay) * mean(sources) for every matched float tensor (integer
-    buffers are copied from the first source); unmatched tensors are left alone. Returns the names
-    updated."""
+    buffers are copied from the first source); unmatched and excluded tensors are left alone. Returns the
+    names updated."""
     sources = [unwrap(s) for s in sources]
-    matched = matched_tensors(target, sources)
+    matched = matched_tensors(target, sources, exclude)
     floats = [(t, ss) for _, t, ss in matched if t.dtype.is_floating_point]
     if floats:
         ts = [t for t, _ in floats]

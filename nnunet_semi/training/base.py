@@ -207,12 +207,21 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         a = self.__dict__.get("aux", {}).get("teacher")
         return a.module if a is not None else None
 
+    def ema_rules(self) -> List[Tuple[str, Tuple[str, ...], float, bool, Tuple[str, ...]]]:
+        """``(target, sources, decay, warmup, exclude)`` of every EMA update after an iteration, as module
+        paths (:func:`~nnunet_semi.training.auxiliary.resolve`), ``exclude`` parameter-name prefixes left out.
+        Default: the auxiliary modules with ``ema_sources``. A method whose EMA target is part of the trained
+        network (A&D: the prediction decoder ``'network.decoder'``, also trained by SGD, from two auxiliary
+        decoders, its ``'encoder.'`` reference excluded) adds a rule here."""
+        return [(name, tuple(a.ema_sources), a.ema_decay, a.ema_warmup, ()) for name, a in self.aux.items()
+                if a.ema_sources]
+
     def update_ema_modules(self) -> None:
-        """EMA step of every auxiliary module with sources, from their current (DDP-synchronised) weights."""
-        for a in self.aux.values():
-            if a.ema_sources:
-                decay = ema_decay_at(self.global_step, a.ema_decay) if a.ema_warmup else a.ema_decay
-                ema_update_from(a.module, [resolve(s, self.network, self.aux) for s in a.ema_sources], decay)
+        """Every :meth:`ema_rules` update, from the current (DDP-synchronised) weights."""
+        for target, sources, decay, warmup, exclude in self.ema_rules():
+            d = ema_decay_at(self.global_step, decay) if warmup else decay
+            ema_update_from(resolve(target, self.network, self.aux),
+                            [resolve(src, self.network, self.aux) for src in sources], d, exclude)
 
     @staticmethod
     def _set_ds(module: nn.Module, enabled: bool) -> None:
