@@ -214,11 +214,10 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
         with self.autocast():
             loss_sl = self.sup_loss(self.network(data), target)
         self.backward(loss_sl)
-        g_l = self._unscaled_grads(params_s)
+        # 4. h = eta_S <g_u, g_l>, read from the (scaled) gradients in place: no copy of g_l
+        scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+        h = lr_s * flat_dot(*zip(*[(gu, p.grad) for gu, p in zip(g_u, params_s) if p.grad is not None])) / scale
         opt_s.zero_grad(set_to_none=True)
-
-        # 4. h = eta_S <g_u, g_l>
-        h = lr_s * flat_dot(g_u, g_l)
         h = torch.where(torch.isfinite(h), h, torch.zeros_like(h)).detach()
 
         # 5. the teacher's step
