@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from nnunet_semi.losses import masked_cross_entropy, masked_dice_loss, masked_mean, pseudo_label
+from nnunet_semi.losses import masked_dice_loss, masked_mean, pseudo_label
 from nnunet_semi.networks.feature_perturbation import add_feature_perturbation, full_resolution
 from nnunet_semi.perturbations import apply_cutmix, cutmix_box_masks
 from nnunet_semi.schedules import sigmoid_rampup
@@ -221,11 +222,13 @@ class CrossMatchTrainer(SemiSupervisedTrainer):
 
     def unsup_dice(self, logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """One unsupervised term: the masked Dice, plus ``unsup_ce_weight`` x masked CE when that is set."""
-        loss = masked_dice_loss(torch.softmax(logits.float(), 1), target, keep, include_background=self.dice_bg,
+        log_p = torch.log_softmax(logits.float(), 1)     # one normalisation serves the Dice and the CE
+        loss = masked_dice_loss(log_p.exp(), target, keep, include_background=self.dice_bg,
                                 smooth=self.dice_eps, squared_denominator=self.dice_squared_denominator,
                                 batch_dice=True, skip_absent_classes=self.dice_skip_absent_classes)
         if self.unsup_ce_weight:
-            loss = loss + self.unsup_ce_weight * masked_cross_entropy(logits, target, keep)
+            ce = F.nll_loss(log_p, target.long(), reduction="none")
+            loss = loss + self.unsup_ce_weight * masked_mean(ce, keep)
         return loss
 
     def full_resolution_weight(self) -> float:
