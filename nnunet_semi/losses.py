@@ -6,7 +6,7 @@ masks are (B, *spatial) bool/float with 1 = voxel counts. Pseudo-labels are prod
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -154,3 +154,37 @@ def reparameterize_and_smooth(x0_diffusion: torch.Tensor, logits_difficulty: tor
     soft = torch.softmax((x0 + g) / tau, dim=1)
     fused = gaussian_smooth(soft) + torch.softmax(logits_difficulty.detach().float(), dim=1)
     return fused.argmax(1)
+
+
+def deep_supervision_targets(outputs, label: torch.Tensor):
+    """A hard label (B, *spatial) as nnU-Net's deep-supervision targets: (B, 1, *size) for every output,
+    downsampled by nearest neighbour."""
+    lab = label.unsqueeze(1).float()
+    return [lab if o.shape[2:] == lab.shape[2:] else F.interpolate(lab, size=o.shape[2:], mode="nearest")
+            for o in outputs]
+
+
+class ClassWeightedDiceCE(torch.nn.Module):
+    """A&D's class-weighted DC_CE (methods.md 2.3/2.5) in nnU-Net's form: CE with class weights ``w`` (torch's
+    weighted mean) plus nnU-Net's soft Dice without background (batch Dice when ``batch_dice``, smooth 1e-5)
+    whose per-class Dice values are multiplied by ``w[1:]`` before the mean, taken negative as nnU-Net does.
+    ``class_weights`` (C,) is set before each call (None: all 1, i.e. nnU-Net's DC_and_CE_loss). Targets
+    are nnU-Net's (B, 1, *spatial)."""
+
+    def __init__(self, batch_dice: bool = True, smooth: float = 1e-5):
+        super().__init__()
+        self.batch_dice, self.smooth = bool(batch_dice), float(smooth)
+        self.class_weights: Optional[torch.Tensor] = None
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        y = target[:, 0].long() if target.ndim == logits.ndim else target.long()
+        w = None if self.class_weights is None else self.class_weights.to(logits.device, torch.float32)
+        ce = F.cross_entropy(logits, y, weight=w)
+        probs = torch.softmax(logits, 1)[:, 1:]
+        onehot = F.one_hot(y, logits.shape[1]).movedim(-1, 1)[:, 1:].float()
+        dims = (0,) + tuple(range(2, logits.ndim)) if self.batch_dice else tuple(range(2, logits.ndim))
+        dice = (2 * (probs * onehot).sum(dims) + self.smooth) / (probs.sum(dims) + onehot.sum(dims) + self.smooth)
+        if w is not None:
+            dice = dice * w[1:]
+        return ce - dice.mean()

@@ -24,6 +24,12 @@ PATCH = 16
 LOWEST_DS_HEAD = "decoder.seg_layers.0."
 
 
+def is_lowest_ds_head(name: str) -> bool:
+    """Whether a parameter name (relative to a network or an auxiliary module) is in the lowest
+    deep-supervision head of a decoder built like nnU-Net's (``decoder.``, A&D's ``decoder_xi.`` ...)."""
+    return re.match(r"^[^.]*decoder[^.]*\.seg_layers\.0\.", name) is not None
+
+
 # ----------------------------------------------------------------------------------------------
 # data on disk
 # ----------------------------------------------------------------------------------------------
@@ -204,3 +210,27 @@ def goto_step(trainer, step: int):
     loop would be there."""
     trainer.current_epoch, trainer._iter_in_epoch = divmod(int(step), trainer.num_iterations_per_epoch)
     return trainer
+
+
+# ----------------------------------------------------------------------------------------------
+# two-rank gloo DDP
+# ----------------------------------------------------------------------------------------------
+def flat_parameters(modules: dict) -> dict:
+    """{name: all parameters of the module, flattened and concatenated}."""
+    import torch
+    return {name: torch.cat([p.detach().flatten() for p in m.parameters()]) for name, m in modules.items()}
+
+
+def run_two_ranks(worker, out_dir) -> list:
+    """Run ``worker(rank, world, init_file, out_dir)`` on two gloo ranks (skips the test where gloo is
+    unavailable); each rank saves what it wants compared to ``out_dir/rank<r>.pth``. Returns the two loaded
+    objects."""
+    import pytest
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out_dir = str(out_dir)
+    mp.spawn(worker, args=(2, os.path.join(out_dir, "pg"), out_dir), nprocs=2, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pth")) for r in (0, 1)]

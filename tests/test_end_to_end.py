@@ -301,3 +301,45 @@ def test_withheld_label_audit_detects_reads(prepared):
     assert prepared.control not in withheld_reads(prepared)
     if not kernel_level:
         pytest.skip("this file system does not update access times; only the Python-level audit applies")
+
+
+# ----------------------------------------------------------------------------------------------
+# A&D: three decoders on one encoder, an auxiliary module with its own optimizer, D_theta exported
+# ----------------------------------------------------------------------------------------------
+def _ad_checks(folder, trainer, epochs):
+    ckpt = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == trainer and ckpt["current_epoch"] == epochs
+    semi = ckpt["nnunet_semi"]
+    ad = semi["aux"]["ad"]
+    assert {k.split(".")[0] for k in ad["weights"]} == {"decoder_xi", "decoder_psi", "diffusion_stem",
+                                                        "time_embedding", "temb_encoder", "temb_decoder"}
+    assert ad["optimizer"]["state"] and set(semi["difficulty"]) >= {"weights", "dice_ema"}
+    # network_weights is nnU-Net's own network (stem + encoder + D_theta): no A&D key in it
+    assert not any(k.startswith(("decoder_xi", "decoder_psi", "diffusion_stem")) for k in ckpt["network_weights"])
+    for key in ("loss_deno", "loss_diff", "loss_unsup", "pl_agreement", "grad_norm", "grad_norm_ad"):
+        assert len(ckpt["logging"][key]) == epochs and np.isfinite(ckpt["logging"][key][-1]), key
+    return ckpt
+
+
+@pytest.mark.parametrize("config", ["2d", "3d_fullres"])
+def test_aggregating_decoupling_train_resume_and_predict(prepared, config):
+    trainer = "AggregatingDecouplingTrainer"
+    folder = train(prepared, trainer, config, **SHORT_SCHEDULE)
+    first = _ad_checks(folder, trainer, 2)
+    train(prepared, trainer, config, epochs=3, extra=("--c",), **SHORT_SCHEDULE)
+    resumed = _ad_checks(folder, trainer, 3)
+    log = open(os.path.join(prepared.root, f"train_{trainer}_{config}--c.log")).read()
+    assert "Epoch 2" in log and "Epoch 0\n" not in log
+    k = next(k for k in first["nnunet_semi"]["aux"]["ad"]["weights"] if k.startswith("decoder_xi") and
+             k.endswith("weight"))
+    assert not torch.equal(first["nnunet_semi"]["aux"]["ad"]["weights"][k],
+                           resumed["nnunet_semi"]["aux"]["ad"]["weights"][k])
+    _predictions_ok(predict(prepared, trainer, config), prepared)
+
+
+def test_aggregating_decoupling_released_recipe_trains_with_svda(prepared):
+    trainer = "AggregatingDecouplingTrainer_released"
+    folder = train(prepared, trainer, "2d", epochs=1)
+    _ad_checks(folder, trainer, 1)
+    log = open(os.path.join(prepared.root, f"train_{trainer}_2d.log")).read()
+    assert "augmentation svda" in log

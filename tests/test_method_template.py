@@ -13,15 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import LOWEST_DS_HEAD, PATCH, ds_targets, goto_step, make_trainer
+from helpers import PATCH, ds_targets, goto_step, is_lowest_ds_head, make_trainer
 from nnunet_semi.ema import unwrap
 from nnunet_semi.methods.crossmatch import CrossMatchTrainer, CrossMatchTrainer_released
 from nnunet_semi.methods.mean_teacher import MeanTeacherTrainer, MeanTeacherTrainer_released
 from nnunet_semi.methods.reciprocal_learning import ReciprocalLearningTrainer, ReciprocalLearningTrainer_released
+from nnunet_semi.methods.aggregating_decoupling import (AggregatingDecouplingTrainer,
+                                                        AggregatingDecouplingTrainer_released)
 
 #: every method's default and released recipe
 METHODS = [MeanTeacherTrainer, MeanTeacherTrainer_released, CrossMatchTrainer, CrossMatchTrainer_released,
-           ReciprocalLearningTrainer, ReciprocalLearningTrainer_released]
+           ReciprocalLearningTrainer, ReciprocalLearningTrainer_released, AggregatingDecouplingTrainer,
+           AggregatingDecouplingTrainer_released]
 #: the unsupervised terms act from the step the test takes (the base's warm-up gate opens there)
 OPEN_GATE = {"warmup_iters": 0, "warmup_pseudo_dice": None}
 BATCH = 2
@@ -89,7 +92,7 @@ def test_training_step_is_finite_and_reaches_every_parameter(cls, ndim):
     assert all(np.isfinite(v) for v in out.values()), out
     assert out["unsup_weight_factor"] > 0 and tr.unsup_gate_step is not None
     expected = {f"{mod_name}.{name}" for mod_name, module in trained_modules(tr).items()
-                for name, p in module.named_parameters() if p.requires_grad and not name.startswith(LOWEST_DS_HEAD)}
+                for name, p in module.named_parameters() if p.requires_grad and not is_lowest_ds_head(name)}
     assert expected and not expected - set(grads), f"no gradient: {sorted(expected - set(grads))}"
     assert all(all(ok) for ok in grads.values()), f"non-finite gradient: {[k for k, v in grads.items() if not all(v)]}"
     for name, m in moved.items():

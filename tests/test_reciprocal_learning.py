@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from helpers import LOWEST_DS_HEAD, NUM_CLASSES, build, config_manager, ds_targets, make_trainer
+from helpers import (LOWEST_DS_HEAD, NUM_CLASSES, build, config_manager, ds_targets, flat_parameters, make_trainer,
+                     run_two_ranks)
 from nnunet_semi.data.loader import UnlabeledBatch
 from nnunet_semi.losses import pseudo_label
 from nnunet_semi.methods import reciprocal_learning as rl
@@ -193,20 +194,14 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
         tgt = ds_targets(tr.network(data), target)
         for _ in range(3):
             tr.method_step(data, tgt, [u])
-        flat = {name: torch.cat([p.detach().flatten() for p in m.parameters()])
-                for name, m in (("student", tr.network.module), ("teacher", tr.aux["teacher"].module))}
-        torch.save(flat, os.path.join(out_dir, f"rank{rank}.pth"))
+        torch.save(flat_parameters({"student": tr.network.module, "teacher": tr.aux["teacher"].module}),
+                   os.path.join(out_dir, f"rank{rank}.pth"))
     finally:
         dist.destroy_process_group()
 
 
 def test_two_rank_ddp_keeps_teacher_and_student_identical(tmp_path):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pth") for r in (0, 1))
+    r0, r1 = run_two_ranks(_ddp_worker, tmp_path)
     for name in ("student", "teacher"):
         assert torch.equal(r0[name], r1[name]), name
     # and they trained: not the initial weights

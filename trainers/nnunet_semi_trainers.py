@@ -10,3 +10,5 @@ from nnunet_semi.methods.supervised import SupervisedBaselineTrainer  # noqa: F4
 from nnunet_semi.methods.reciprocal_learning import (ReciprocalLearningTrainer,  # noqa: F401
                                                      ReciprocalLearningTrainer_exportTeacher,
                                                      ReciprocalLearningTrainer_released)
+from nnunet_semi.methods.aggregating_decoupling import (AggregatingDecouplingTrainer,  # noqa: F401
+                                                        AggregatingDecouplingTrainer_released)

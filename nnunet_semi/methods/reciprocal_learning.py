@@ -47,7 +47,7 @@ from torch import nn
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from nnunet_semi.ema import unwrap
-from nnunet_semi.losses import pseudo_label
+from nnunet_semi.losses import deep_supervision_targets, pseudo_label
 from nnunet_semi.networks.feature_perturbation import full_resolution
 from nnunet_semi.training.auxiliary import AuxiliaryModule
 from nnunet_semi.training.base import SemiSupervisedTrainer
@@ -72,14 +72,6 @@ class IterationStepLR:
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(epoch)
 
-
-
-def ds_targets(outputs, label: torch.Tensor) -> List[torch.Tensor]:
-    """A hard label (B, *spatial) as nnU-Net's deep-supervision targets: (B, 1, *size) of every output,
-    downsampled by nearest neighbour."""
-    lab = label.unsqueeze(1).float()
-    return [lab if o.shape[2:] == lab.shape[2:] else F.interpolate(lab, size=o.shape[2:], mode="nearest")
-            for o in outputs]
 
 
 def flat_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -163,7 +155,7 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
         """A pseudo-label loss of the same recipe (hard label, no gradient through it)."""
         if self.loss_recipe == "nnunet":
             outs = out if isinstance(out, (list, tuple)) else [out]
-            targets = ds_targets(outs, label)
+            targets = deep_supervision_targets(outs, label)
             return self.loss(out, targets if isinstance(out, (list, tuple)) else targets[0])
         return self._ce_full(out, label)
 
