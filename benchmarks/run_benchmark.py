@@ -40,10 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=None,
                    help="checkpoint_latest every N epochs (resume granularity; default epochs/10)")
     p.add_argument("-o", "--out", default=None,
-                   help="benchmark folder (default benchmarks/runs/<Dataset>_<config>_<epochs>x<iters>[_<group>])")
+                   help="benchmark folder (default benchmarks/runs/<Dataset>_<config>_<epochs>x<iters>[_<group>]"
+                        "[_<domain>])")
     p.add_argument("--eval-group", choices=("all", "val", "test"), default="all",
                    help="held-out cases to evaluate: every imagesTs case with a labelsTs reference (all, default), or "
                         "only the split's val or test group (splits_semi.json)")
+    p.add_argument("--eval-domain", default=None, metavar="DOMAIN",
+                   help="evaluate only the held-out cases whose case_metadata.json domain is DOMAIN ('target': the "
+                        "file's target_domain), e.g. source or target of nnUNetv2_semi_domain_shift (default: every "
+                        "domain)")
     p.add_argument("--plans-config", action="store_true",
                    help="add ONE smaller configuration <config>_cpu to the plans (inherits_from <config>: "
                         "features_per_stage x --cpu-features-scale, batch size --cpu-batch-size) and use it for every arm; "
@@ -99,12 +104,14 @@ def main(argv=None) -> int:
             name = find_dataset(args.dataset, [raw, pre])
             cfg = args.configuration + ("_cpu" if args.plans_config else "")
             out = os.path.join(HERE, "runs", f"{name}_{cfg}_{args.epochs}x{args.iters}"
-                               + ("" if args.eval_group == "all" else f"_{args.eval_group}"))
+                               + ("" if args.eval_group == "all" else f"_{args.eval_group}")
+                               + (f"_{args.eval_domain}" if args.eval_domain else ""))
         settings = BenchmarkSettings(
             dataset=args.dataset, out=out, configuration=args.configuration, plans=args.plans, fold=args.fold,
             trainers=list(args.trainers or []), seeds=args.seeds, epochs=args.epochs, iters=args.iters,
             val_iters=args.val_iters, save_every=args.save_every, device=args.device or default_device(),
-            eval_group=args.eval_group, disable_tta=args.disable_tta, step_size=args.step_size,
+            eval_group=args.eval_group, eval_domain=args.eval_domain, disable_tta=args.disable_tta,
+            step_size=args.step_size,
             plans_config=args.plans_config, cpu_features_scale=args.cpu_features_scale,
             cpu_batch_size=args.cpu_batch_size, cpu_patch_size=args.cpu_patch_size, empty_policy=args.empty_policy,
             num_processes=args.num_processes,

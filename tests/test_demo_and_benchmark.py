@@ -430,7 +430,7 @@ def test_default_trainers_are_declared_by_the_trainers():
     from nnunet_semi.training.base import SemiSupervisedTrainer
     reg = registered_trainers()
     assert default_trainers(reg) == ["SupervisedBaselineTrainer", "CrossMatchTrainer", "MeanTeacherTrainer",
-                                     "ReciprocalLearningTrainer"]
+                                     "ReciprocalLearningTrainer", "AggregatingDecouplingTrainer"]
     assert not is_benchmark_default(SemiSupervisedTrainer)
     assert not any(is_benchmark_default(c) for n, c in reg.items() if "_" in n)   # the registered variants
 

@@ -54,7 +54,8 @@ def announce(stage: str, bench: "Benchmark") -> None:
         s = bench.s
         say(f"benchmark {bench.dataset_name}, configuration {s.effective_configuration}, fold {s.fold}, device "
             f"{s.device}: trainers {', '.join(s.trainers)}; seeds {s.seeds}; budget {s.epochs} epochs x {s.iters} "
-            f"iterations (val {s.val_iters}); {len(bench.cases)} held-out case(s) ({s.eval_group}); out {s.out}")
+            f"iterations (val {s.val_iters}); {len(bench.cases)} held-out case(s) ({s.eval_group}"
+            + (f", domain {bench.domain}" if bench.domain is not None else "") + f"); out {s.out}")
 
 
 class Benchmark:
@@ -77,6 +78,8 @@ class Benchmark:
         check_trainers(settings.trainers, self.registered)
         self.plans_change: Optional[dict] = None
         self.cases: List[str] = []
+        #: the domain of the evaluated cases (``--eval-domain``, ``target`` resolved), or None
+        self.domain: Optional[str] = None
         self.file_ending = ".nii.gz"
 
     # ---- environment and paths -------------------------------------------------------------
@@ -167,9 +170,40 @@ class Benchmark:
         if not labeled:
             raise BenchmarkError(f"no held-out case to evaluate in {self.raw_folder}/imagesTs with a reference in "
                                  f"labelsTs (group '{self.s.eval_group}')")
+        if self.s.eval_domain is not None:
+            labeled = self._domain_cases(labeled)
         self.cases = labeled
         self._images = images
         return labeled
+
+    def _domain_cases(self, cases: List[str]) -> List[str]:
+        """``cases`` whose case_metadata.json ``domain`` is ``--eval-domain`` (``target``: the file's
+        ``target_domain``); the domain, resolved, is kept in :attr:`domain`."""
+        from nnunet_semi.layout import LayoutError, case_metadata_file, load_case_metadata
+        asked, path = self.s.eval_domain, case_metadata_file(self.raw_folder)
+        try:
+            md = load_case_metadata(self.raw_folder)
+        except LayoutError as e:
+            raise BenchmarkError(str(e)) from e
+        if md is None:
+            raise BenchmarkError(f"--eval-domain {asked} needs the per-case domains of {path}, which does not exist. "
+                                 f"Write it (CaseMetadata in nnunet_semi/layout.py; the MM-WHS, M&Ms and domain-shift "
+                                 f"converters do) or leave out --eval-domain")
+        domains = sorted({str(e["domain"]) for e in md.cases.values() if "domain" in e})
+        domain = md.target_domain if asked == "target" and md.target_domain is not None else asked
+        if asked == "target" and md.target_domain is None and "target" not in domains:
+            raise BenchmarkError(f"--eval-domain target: {path} names no target_domain; pass one of its domains "
+                                 f"{domains} instead")
+        kept = [c for c in cases if md.domain_of(c) == domain]
+        if not kept:
+            held_out = sorted({str(md.domain_of(c)) for c in cases})
+            raise BenchmarkError(f"--eval-domain {asked}: no held-out case of domain '{domain}' in {path} (the "
+                                 f"{len(cases)} held-out case(s) have domain(s) {held_out}; the file's domains: "
+                                 f"{domains})")
+        say(f"note: --eval-domain {asked}: {len(kept)} of {len(cases)} held-out case(s) have domain '{domain}' "
+            f"({path})")
+        self.domain = domain
+        return kept
 
     def build_inputs(self) -> str:
         """``<out>/inputs_<group>``: symlinks to the held-out images, nnUNetv2_predict's input folder."""
@@ -260,6 +294,7 @@ class Benchmark:
         d["checkpoint"] = CHECKPOINT
         d["plans_config_change"] = self.plans_change
         d["evaluated_cases"] = list(self.cases)
+        d["evaluated_domain"] = self.domain
         d["n_evaluated_cases"] = len(self.cases)
         d["file_ending"] = self.file_ending
         d["trainer_classes"] = {t: f"{self.registered[t].__module__}.{self.registered[t].__qualname__}"

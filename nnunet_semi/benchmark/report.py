@@ -45,7 +45,10 @@ def results_table(agg: dict, classes: bool = True, digits: int = 2) -> str:
 def results_markdown(agg: dict, title: str, settings: Optional[dict] = None, digits: int = 2) -> str:
     out = [f"# Benchmark: {title}", ""]
     if settings:
-        out += [f"- held-out cases: {settings.get('n_evaluated_cases')} ({settings.get('eval_group')}), predicted from "
+        domain = (f", domain {settings.get('evaluated_domain')} (--eval-domain {settings.get('eval_domain')})"
+                  if settings.get("eval_domain") is not None else "")
+        out += [f"- held-out cases: {settings.get('n_evaluated_cases')} ({settings.get('eval_group')}{domain}), "
+                f"predicted from "
                 f"`{CHECKPOINT}` with nnUNetv2_predict (TTA {'off' if settings.get('disable_tta') else 'on'}, step size "
                 f"{settings.get('step_size')})",
                 f"- budget per arm: {settings.get('epochs')} epochs x {settings.get('iters')} iterations = "

@@ -16,8 +16,8 @@ CHECKPOINT = "checkpoint_final.pth"
 EVAL_GROUPS = ("all", "val", "test")
 #: settings that must not change when a benchmark folder is resumed
 KEY_SETTINGS = ("dataset", "configuration", "plans", "fold", "epochs", "iters", "val_iters", "device",
-                "plans_config", "cpu_features_scale", "cpu_batch_size", "cpu_patch_size", "eval_group", "disable_tta",
-                "step_size")
+                "plans_config", "cpu_features_scale", "cpu_batch_size", "cpu_patch_size", "eval_group", "eval_domain",
+                "disable_tta", "step_size")
 
 
 @dataclass
@@ -35,6 +35,8 @@ class BenchmarkSettings:
     save_every: Optional[int] = None
     device: str = "cpu"
     eval_group: str = "all"
+    #: evaluate only the held-out cases of this case_metadata.json domain ("target": its target_domain)
+    eval_domain: Optional[str] = None
     disable_tta: bool = False
     step_size: float = 0.5
     plans_config: bool = False
@@ -66,6 +68,8 @@ class BenchmarkSettings:
             self.save_every = max(1, min(50, self.epochs // 10 or 1))
         if self.eval_group not in EVAL_GROUPS:
             raise BenchmarkError(f"eval group must be one of {EVAL_GROUPS}")
+        if self.eval_domain is not None and not str(self.eval_domain).strip():
+            raise BenchmarkError("eval domain must be a domain of case_metadata.json (or 'target'), not empty")
         for name in ("epochs", "iters", "val_iters", "save_every"):
             if int(getattr(self, name)) < 1:
                 raise BenchmarkError(f"{name} must be >= 1")
