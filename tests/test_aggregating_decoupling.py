@@ -216,7 +216,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
         data, tgt, u = batches(tr, seed=10 + rank)    # every rank its own data
         for step in range(3):
             goto_step(tr, step)
-            tr.method_step(data, tgt, [u])
+            tr.update_unsup_gate()                     # open from step 0: the whole step runs, DDIM included
+            _, terms = tr.method_step(data, tgt, [u])
+            assert "loss_unsup" in terms
             tr.update_ema_modules()
         torch.save(flat_parameters({"network": unwrap(tr.network), "extras": tr.extras}),
                    os.path.join(out_dir, f"rank{rank}.pth"))
@@ -230,3 +232,18 @@ def test_two_rank_ddp_keeps_network_and_decoders_identical(tmp_path):
         assert torch.equal(r0[name], r1[name]), name
     init = make_trainer(AD, **OPEN_GATE)
     assert not torch.equal(r0["network"], torch.cat([p.flatten() for p in unwrap(init.network).parameters()]))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_a_step_with_residual_encoder_plans(ndim):
+    tr = make_trainer(AD, ndim=ndim, resenc=True, **OPEN_GATE)
+    assert tr.extras.diffusion_stem.conv.in_channels == 1 + NUM_CLASSES
+    goto_step(tr, 3)
+    tr.update_unsup_gate()
+    data, tgt, u = batches(tr, ndim)
+    before = {k: v.clone() for k, v in unwrap(tr.network).state_dict().items()}
+    loss, terms = tr.method_step(data, tgt, [u])
+    assert torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)) for v in terms.values())
+    assert "loss_unsup" in terms
+    after = unwrap(tr.network).state_dict()
+    assert not torch.equal(before["encoder.stem.convs.0.conv.weight"], after["encoder.stem.convs.0.conv.weight"])
