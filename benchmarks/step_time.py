@@ -13,7 +13,9 @@ sampled peak RSS of the process while that trainer's steps ran).
 
 Requires planned + preprocessed labeled data and ``nnUNetv2_preprocess_unlabeled`` output. Timings
 include the optimizer step and, for EMA trainers, the teacher update; the first ``--warmup`` steps of
-each trainer are not counted.
+each trainer are not counted. The steps are those of the run after its supervised warm-up: the warm-up gate is
+open from step 0 (``nnUNet_semi_warmup_iters=0``, ``nnUNet_semi_warmup_pseudo_dice=none``, unless set), since
+a method may skip its unsupervised passes while the gate is closed (A&D skips its sampler).
 
 ``--preload K`` measures the computation alone: each trainer draws K labeled batches (and the
 unlabeled batches those steps need) up front, its loader workers are stopped, and the timed steps
@@ -139,6 +141,8 @@ def main(argv=None):
 
     from nnunet_semi.env import ensure_ext_trainer
     ensure_ext_trainer()
+    os.environ.setdefault("nnUNet_semi_warmup_iters", "0")          # steady-state steps: the gate is open
+    os.environ.setdefault("nnUNet_semi_warmup_pseudo_dice", "none")
     import torch
     device = torch.device(a.device)
     malloc_tuned = False
