@@ -247,3 +247,14 @@ def test_a_step_with_residual_encoder_plans(ndim):
     assert "loss_unsup" in terms
     after = unwrap(tr.network).state_dict()
     assert not torch.equal(before["encoder.stem.convs.0.conv.weight"], after["encoder.stem.convs.0.conv.weight"])
+
+
+def test_normalised_difficulty_weights_keep_the_class_ratios_at_mean_one():
+    from nnunet_semi.methods.aggregating_decoupling import AggregatingDecouplingTrainer_normDifficulty as ADn
+    tr = make_trainer(ADn, **OPEN_GATE)
+    data, tgt, u = batches(tr)
+    for _ in range(2):
+        tr.method_step(data, tgt, [u])
+    used, w = tr._weighted_dc_ce.class_weights, tr.difficulty.weights.float()
+    assert float(used.mean()) == pytest.approx(1.0, rel=1e-6)
+    assert torch.allclose(used, w / w.mean()) and not torch.allclose(used, w)

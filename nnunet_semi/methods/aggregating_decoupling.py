@@ -82,6 +82,9 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
     #: D_theta <- decay D_theta + (1 - decay) (D_xi + D_psi) / 2 after every iteration
     theta_ema_decay: float = 0.99
     difficulty_momentum: float = (50 - 1) / 50
+    #: divide the difficulty-aware weights by their mean before they weight D_psi's loss (their class ratios
+    #: kept, their overall scale, which shrinks as the classes are learned, not); False = as released
+    difficulty_normalize: bool = False
     # ---- mu (the base's unsupervised weight schedule) -------------------------------------------------
     unsup_weight: float = 1.0
     rampup: str = "sigmoid"
@@ -242,7 +245,7 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
             skips = encode(self.network, torch.cat((data, x_u)) if mu > 0 else data)
             p_psi = self.extras.difficulty([s[:n_l] for s in skips], deep_supervision=ds)
             w = self.difficulty.update(full_resolution(p_xi).detach().argmax(1), y)
-            self._weighted_dc_ce.class_weights = w.float()
+            self._weighted_dc_ce.class_weights = (w / w.mean() if self.difficulty_normalize else w).float()
             loss_diff = self.weighted_loss(p_psi, target)
             total = loss_deno + loss_diff
             terms = {"loss_deno": loss_deno.detach(), "loss_diff": loss_diff.detach()}
@@ -273,6 +276,11 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
         super().load_semi_state_dict(state)
         if state.get("difficulty") is not None and self.difficulty is not None:
             self.difficulty.load_state_dict(state["difficulty"])
+
+
+class AggregatingDecouplingTrainer_normDifficulty(AggregatingDecouplingTrainer):
+    """The default recipe with the difficulty-aware weights normalised to mean 1 (not in the released code)."""
+    difficulty_normalize = True
 
 
 class AggregatingDecouplingTrainer_released(AggregatingDecouplingTrainer):
