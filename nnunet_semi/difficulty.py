@@ -10,17 +10,17 @@ w_c = C diff_c D_c for C classes. The weights are used for the difficulty-aware 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 EPS = 1e-8
 
 
 def hard_batch_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int, smooth: float = EPS) -> torch.Tensor:
     """Per-class Dice of hard label maps (B, *spatial), summed over the batch, background included."""
-    p = F.one_hot(pred.long(), num_classes).flatten(0, -2).double()
-    y = F.one_hot(target.long(), num_classes).flatten(0, -2).double()
-    tp = (p * y).sum(0)
-    return (2 * tp + smooth) / (p.sum(0) + y.sum(0) + smooth)
+    pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
+    p_sum = torch.bincount(pred, minlength=num_classes).double()
+    y_sum = torch.bincount(target, minlength=num_classes).double()
+    tp = torch.bincount(target[pred == target], minlength=num_classes).double()
+    return (2 * tp + smooth) / (p_sum + y_sum + smooth)
 
 
 class DifficultyWeights:
@@ -37,8 +37,9 @@ class DifficultyWeights:
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        d = hard_batch_dice(pred.cpu(), target.cpu(), self.num_classes)
-        return self.update_from_dice(d)
+        # the per-class Dice on the labels' device; only its C values travel to the state (float64, CPU)
+        d = hard_batch_dice(pred, target, self.num_classes)
+        return self.update_from_dice(d.cpu())
 
     def update_from_dice(self, d: torch.Tensor) -> torch.Tensor:
         d = d.double()

@@ -38,7 +38,7 @@ Recipes (class attributes; a variant is a subclass):
 Both optimise the network (stem, encoder, D_theta) with nnU-Net's optimiser and the auxiliary modules with a
 second optimiser of the same recipe; each is clipped at 12 (the released code does not clip). Under DDP the
 method's forward calls nnU-Net's modules directly (three paths through one encoder), so the gradients are
-averaged over ranks explicitly (:meth:`all_reduce_gradients`) before both steps.
+averaged over ranks explicitly (the base's :meth:`all_reduce_gradients`) before both steps.
 """
 from __future__ import annotations
 
@@ -140,9 +140,7 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
             opt = torch.optim.SGD(parameters, self.released_lr, momentum=0.9, nesterov=True,
                                   weight_decay=self.released_weight_decay)
             return opt, PolyLRScheduler(opt, self.released_lr, self.num_epochs)
-        opt = torch.optim.SGD(parameters, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
-                              nesterov=True)
-        return opt, PolyLRScheduler(opt, self.initial_lr, self.num_epochs)
+        return self.nnunet_optimizer(parameters)
 
     def configure_optimizers(self):
         return self.make_optimizer(self.network.parameters())
@@ -202,25 +200,6 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
         stats = {"pl_agreement": (x0.argmax(1) == psi.argmax(1)).float().mean(),
                  "pl_foreground": (label > 0).float().mean()}
         return label, stats
-
-    def all_reduce_gradients(self, parameters) -> None:
-        """Average the gradients of ``parameters`` over DDP ranks (for a forward that calls nnU-Net's modules
-        directly instead of through the DDP wrapper); a parameter without a gradient counts as zero."""
-        if not self.is_ddp:
-            return
-        import torch.distributed as dist
-        params = list(parameters)
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-            offset += n
 
     def method_step(self, data, target, unlabeled):
         u = unlabeled[0]

@@ -44,7 +44,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from nnunet_semi.ema import unwrap
 from nnunet_semi.losses import deep_supervision_targets, pseudo_label
@@ -122,9 +121,7 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
                                   weight_decay=self.released_weight_decay)
             return opt, IterationStepLR(opt, self.released_lr, self.num_iterations_per_epoch,
                                         self.released_step_iters)
-        opt = torch.optim.SGD(module.parameters(), self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
-                              nesterov=True)
-        return opt, PolyLRScheduler(opt, self.initial_lr, self.num_epochs)
+        return self.nnunet_optimizer(module.parameters())
 
     def configure_optimizers(self):
         return self.make_optimizer(self.network)

@@ -354,6 +354,33 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
     def trainable_parameters(self):
         return self.network.parameters()
 
+    def nnunet_optimizer(self, parameters):
+        """nnU-Net's optimizer and schedule (SGD 0.99 Nesterov from ``initial_lr``, poly over ``num_epochs``) for
+        any parameters: the network's, or an auxiliary module's of a method that trains several."""
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+        opt = torch.optim.SGD(parameters, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                              nesterov=True)
+        return opt, PolyLRScheduler(opt, self.initial_lr, self.num_epochs)
+
+    def all_reduce_gradients(self, parameters) -> None:
+        """Average the gradients of ``parameters`` over DDP ranks, for a method whose forward calls nnU-Net's
+        modules directly instead of through the DDP wrapper (A&D: three paths through one encoder). A parameter
+        without a gradient counts as zero. One flat all-reduce; nothing without DDP."""
+        if not self.is_ddp:
+            return
+        params = list(parameters)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
+
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
         """``loss.backward()``, through nnU-Net's grad scaler when there is one (CUDA AMP)."""
         (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward(**kwargs)
