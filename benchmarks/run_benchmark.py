@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", "--trainers", nargs="+", default=None,
                    help="trainers (default: SupervisedBaselineTrainer and every registered trainer that declares "
                         "benchmark_default = True, see --list-trainers); the first is listed first, the paired "
-                        "comparison is always against SupervisedBaselineTrainer when it is in the list")
+                        "comparison is always against SupervisedBaselineTrainer when it is in the list. TRAINER@NETWORK "
+                        "(e.g. ReciprocalLearningTrainer@teacher) predicts with another network of TRAINER's run "
+                        "(nnUNetv2_semi_export), sharing its training")
     p.add_argument("-s", "--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--epochs", type=int, default=20, help="epochs per arm (nnUNet_semi_epochs, default 20)")
     p.add_argument("--iters", type=int, default=50, help="iterations per epoch (nnUNet_semi_iters, default 50)")

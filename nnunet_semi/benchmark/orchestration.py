@@ -19,7 +19,8 @@ from nnunet_semi.benchmark.plans_variant import add_cpu_configuration, resolve_c
 from nnunet_semi.benchmark.report import PLOT_FILE, write_report
 from nnunet_semi.benchmark.settings import (CHECKPOINT, EVAL_GROUPS, KEY_SETTINGS, BenchmarkSettings, dataset_id_of,
                                             find_dataset, git_commit, machine_info)
-from nnunet_semi.benchmark.trainers import check_trainers, default_trainers, is_semi_supervised, registered_trainers
+from nnunet_semi.benchmark.trainers import (check_trainers, default_trainers, is_semi_supervised, registered_trainers,
+                                          split_arm)
 from nnunet_semi.reporting import fmt_seconds
 from nnunet_semi.training.progress_file import PROGRESS_FILE
 
@@ -114,8 +115,17 @@ class Benchmark:
         return out
 
     def model_dir(self, trainer: str, seed: int) -> str:
+        """The run's fold folder (an arm ``TRAINER@NETWORK`` shares TRAINER's)."""
         return os.path.join(self.s.results_dir(seed), self.dataset_name,
-                            f"{trainer}__{self.s.plans}__{self.s.effective_configuration}", f"fold_{self.s.fold}")
+                            f"{split_arm(trainer)[0]}__{self.s.plans}__{self.s.effective_configuration}",
+                            f"fold_{self.s.fold}")
+
+    @staticmethod
+    def checkpoint_name(trainer: str) -> str:
+        """What nnUNetv2_predict loads (``-chk``): checkpoint_final.pth, or for an arm ``TRAINER@NETWORK`` the
+        checkpoint nnUNetv2_semi_export writes beside it."""
+        network = split_arm(trainer)[1]
+        return CHECKPOINT if network is None else f"{os.path.splitext(CHECKPOINT)[0]}_{network}.pth"
 
     def pred_dir(self, trainer: str, seed: int) -> str:
         return os.path.join(self.s.seed_dir(seed), "predictions", trainer)
@@ -212,7 +222,7 @@ class Benchmark:
         return folder
 
     def _needs_unlabeled(self) -> bool:
-        return any(is_semi_supervised(self.registered[t]) for t in self.s.trainers)
+        return any(is_semi_supervised(self.registered[split_arm(t)[0]]) for t in self.s.trainers)
 
     def _unlabeled_command(self, n: str) -> List[str]:
         s = self.s
@@ -297,8 +307,9 @@ class Benchmark:
         d["evaluated_domain"] = self.domain
         d["n_evaluated_cases"] = len(self.cases)
         d["file_ending"] = self.file_ending
-        d["trainer_classes"] = {t: f"{self.registered[t].__module__}.{self.registered[t].__qualname__}"
-                                for t in s.trainers}
+        classes = {t: self.registered[split_arm(t)[0]] for t in s.trainers}
+        d["trainer_classes"] = {t: f"{c.__module__}.{c.__qualname__}" for t, c in classes.items()}
+        d["exported_networks"] = {t: split_arm(t)[1] for t in s.trainers if split_arm(t)[1] is not None}
         env = self.env(trainer_env=True)
         d["nnunet_env"] = {k: env.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_n_proc_DA",
                                                    "nnUNet_def_n_proc", "nnUNet_extTrainer", "OMP_NUM_THREADS")}
@@ -363,6 +374,7 @@ class Benchmark:
 
     def train(self, trainer: str, seed: int, resume: bool) -> Optional[float]:
         s = self.s
+        trainer = split_arm(trainer)[0]
         cmd = ["nnUNetv2_train", str(self.dataset_id), s.effective_configuration, s.fold, "-tr", trainer, "-p", s.plans,
                "-device", s.device] + (["--c"] if resume else [])
         progress = EpochProgress(f"{trainer} seed {seed}", s.epochs,
@@ -379,8 +391,14 @@ class Benchmark:
         # on CPU: -npp 0 -nps 0 = nnU-Net's sequential prediction in one process (no spawned workers, which
         # each import torch and nnU-Net: on small machines that start-up dominates the run)
         npp = "0" if s.device == "cpu" else "3"
+        base, network = split_arm(trainer)
+        if network is not None:   # re-exported before every prediction: the run may have been trained again
+            from nnunet_semi.training.export import export_checkpoint
+            self.executor.apply(export_checkpoint, os.path.join(self.model_dir(trainer, seed), CHECKPOINT), network,
+                                os.path.join(self.model_dir(trainer, seed), self.checkpoint_name(trainer)))
         cmd = ["nnUNetv2_predict", "-i", self.inputs_dir(), "-o", tmp, "-d", str(self.dataset_id),
-               "-c", s.effective_configuration, "-p", s.plans, "-tr", trainer, "-f", s.fold, "-chk", CHECKPOINT,
+               "-c", s.effective_configuration, "-p", s.plans, "-tr", base, "-f", s.fold,
+               "-chk", self.checkpoint_name(trainer),
                "-device", s.device, "-step_size", str(s.step_size), "-npp", npp, "-nps", npp]
         if s.disable_tta:
             cmd.append("--disable_tta")

@@ -3,7 +3,7 @@ nnU-Net's ``nnUNet_extTrainer`` discovery reads), and the default list, which th
 (``benchmark_default = True`` in the class's own body, :meth:`PluginTrainerMixin.is_benchmark_default`)."""
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from nnunet_semi.benchmark.commands import BenchmarkError
 
@@ -38,8 +38,28 @@ def default_trainers(registered: Optional[Mapping[str, type]] = None) -> List[st
     return [BASELINE] + [n for n, c in registered.items() if n != BASELINE and is_benchmark_default(c)]
 
 
+#: ``TRAINER@NETWORK``: an arm that predicts with another network of TRAINER's run (``nnUNetv2_semi_export``),
+#: e.g. ``ReciprocalLearningTrainer@teacher``; it shares TRAINER's training (trained once, by whichever arm
+#: comes first)
+ARM_SEP = "@"
+
+
+def split_arm(name: str) -> Tuple[str, Optional[str]]:
+    """``'RL@teacher'`` -> ``('RL', 'teacher')``; ``'RL'`` -> ``('RL', None)``."""
+    trainer, sep, network = name.partition(ARM_SEP)
+    return trainer, (network if sep else None)
+
+
 def check_trainers(names: Sequence[str], registered: Mapping[str, type]) -> None:
-    unknown = [n for n in names if n not in registered]
+    bad_arms = [n for n in names if split_arm(n)[1] is not None and
+                (not split_arm(n)[1] or split_arm(n)[0] not in registered or
+                 not is_semi_supervised(registered[split_arm(n)[0]]))]
+    if bad_arms:
+        raise BenchmarkError(
+            f"arm(s) {bad_arms}: TRAINER{ARM_SEP}NETWORK needs a registered semi-supervised trainer and a network "
+            f"name (e.g. ReciprocalLearningTrainer{ARM_SEP}teacher; nnUNetv2_semi_export --list shows a run's "
+            f"networks)")
+    unknown = [n for n in names if split_arm(n)[0] not in registered]
     if unknown:
         raise BenchmarkError(
             f"trainer(s) {unknown} are not registered in trainers/nnunet_semi_trainers.py (registered: "

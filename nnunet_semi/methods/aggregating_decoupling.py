@@ -100,6 +100,9 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
     #: SVDA's operations per call and their probability (augmentation 'svda')
     svda_sample_num: int = 3
     svda_p: float = 0.7
+    #: ``nnUNetv2_semi_export -n psi``: stem + encoder + D_psi as a plain nnU-Net network (the student is D_theta;
+    #: D_xi needs the diffusion input and is not a plain network)
+    partial_exports = {"psi": (AUX, "decoder_psi.", "decoder.")}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):

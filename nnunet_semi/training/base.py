@@ -115,6 +115,10 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
     ema_decay: float = 0.99
     #: which weights nnUNetv2_predict and nnU-Net's validation use: 'student' or an auxiliary module's name
     export_network: str = "student"
+    #: networks besides the student and whole-network auxiliary modules that ``nnUNetv2_semi_export`` can
+    #: write after training: name -> (auxiliary module, its parameter prefix, the student's parameter prefix it
+    #: replaces), e.g. a decoder that shares the student's encoder (:mod:`nnunet_semi.training.export`)
+    partial_exports: Dict[str, Tuple[str, str, str]] = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
