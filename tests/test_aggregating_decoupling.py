@@ -258,3 +258,34 @@ def test_normalised_difficulty_weights_keep_the_class_ratios_at_mean_one():
     used, w = tr._weighted_dc_ce.class_weights, tr.difficulty.weights.float()
     assert float(used.mean()) == pytest.approx(1.0, rel=1e-6)
     assert torch.allclose(used, w / w.mean()) and not torch.allclose(used, w)
+
+
+@pytest.mark.parametrize("gate_open", [False, True], ids=["gate_closed", "gate_open"])
+def test_supervised_d_theta_adds_nnunets_loss_on_the_labeled_batch(gate_open):
+    from nnunet_semi.methods.aggregating_decoupling import AggregatingDecouplingTrainer_supTheta as ADs
+    from nnunet_semi.methods.aggregating_decoupling import split_decode
+    tr = make_trainer(ADs, **(OPEN_GATE if gate_open else {}))
+    tr.update_unsup_gate()
+    assert (tr.unsup_weight_now() > 0) == gate_open
+    data, tgt, u = batches(tr)
+    net = unwrap(tr.network)
+    with torch.no_grad():
+        x = torch.cat((data, u.strong[0]))
+        skips = encode(net, x)
+        want_l = tr.loss(decode(net.decoder, [s[:B] for s in skips], None, True), tgt)
+        # one pass on [labeled; unlabeled] equals separate passes (instance norm: per sample)
+        l, un = split_decode(net.decoder, skips, B, True, True, True)
+        sep_u = decode(net.decoder, [s[B:] for s in skips], None, True)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(un, sep_u))
+        assert split_decode(net.decoder, skips, B, False, False, True) == (None, None)
+    before = {k: v.clone() for k, v in net.decoder.state_dict().items()}
+    _, terms = tr.method_step(data, tgt, [u])
+    assert float(terms["loss_sup"]) == pytest.approx(float(want_l), rel=1e-5)
+    assert ("loss_unsup" in terms) == gate_open
+    # D_theta is trained by its own gradient now, also while the gate is closed
+    grad = net.decoder.seg_layers[-1].weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+    assert not all(torch.equal(before[k], v) for k, v in net.decoder.state_dict().items())
+    default = make_trainer(AD)
+    _, terms = default.method_step(data, tgt, [u])
+    assert "loss_sup" not in terms and unwrap(default.network).decoder.seg_layers[-1].weight.grad is None

@@ -12,4 +12,5 @@ from nnunet_semi.methods.reciprocal_learning import (ReciprocalLearningTrainer, 
                                                      ReciprocalLearningTrainer_released)
 from nnunet_semi.methods.aggregating_decoupling import (AggregatingDecouplingTrainer,  # noqa: F401
                                                         AggregatingDecouplingTrainer_normDifficulty,
-                                                        AggregatingDecouplingTrainer_released)
+                                                        AggregatingDecouplingTrainer_released,
+                                                        AggregatingDecouplingTrainer_supTheta)

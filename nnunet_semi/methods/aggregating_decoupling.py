@@ -85,6 +85,9 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
     #: divide the difficulty-aware weights by their mean before they weight D_psi's loss (their class ratios
     #: kept, their overall scale, which shrinks as the classes are learned, not); False = as released
     difficulty_normalize: bool = False
+    #: also train D_theta on the labeled batch with nnU-Net's DC+CE (L_sup; not in the released code, where
+    #: D_theta sees labels only through the EMA of D_xi and D_psi and through the pseudo-labels)
+    theta_supervised: bool = False
     # ---- mu (the base's unsupervised weight schedule) -------------------------------------------------
     unsup_weight: float = 1.0
     rampup: str = "sigmoid"
@@ -231,10 +234,15 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
             loss_diff = self.weighted_loss(p_psi, target)
             total = loss_deno + loss_diff
             terms = {"loss_deno": loss_deno.detach(), "loss_diff": loss_diff.detach()}
+            # D_theta: one decoder pass on the labeled (theta_supervised) and / or unlabeled part of the batch
+            p_theta_l, p_theta = split_decode(net.decoder, skips, n_l, self.theta_supervised, mu > 0, ds)
+            if p_theta_l is not None:
+                loss_sup = self.loss(p_theta_l, target)
+                total = total + loss_sup
+                terms["loss_sup"] = loss_sup.detach()
             if mu > 0:
                 skips_u = [s[n_l:] for s in skips]
                 y_u, stats = self.pseudo_labels(x_pl, skips_u if x_pl is x_u else None)
-                p_theta = decode(net.decoder, skips_u, None, ds)
                 pl_target = deep_supervision_targets(p_theta, y_u) if ds else y_u[:, None].float()
                 loss_u = self.loss(p_theta, pl_target)
                 total = total + mu * loss_u
@@ -258,6 +266,27 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
         super().load_semi_state_dict(state)
         if state.get("difficulty") is not None and self.difficulty is not None:
             self.difficulty.load_state_dict(state["difficulty"])
+
+
+def split_decode(decoder, skips: List[torch.Tensor], n_l: int, labeled: bool, unlabeled: bool, ds: bool):
+    """``decoder`` on the first ``n_l`` (``labeled``) and / or the remaining (``unlabeled``) samples of the
+    encoder output ``skips`` in one pass; returns (labeled output, unlabeled output), None where not asked."""
+    if not (labeled or unlabeled):
+        return None, None
+    part = skips if labeled and unlabeled else [s[:n_l] if labeled else s[n_l:] for s in skips]
+    out = decode(decoder, part, None, ds)
+    if not (labeled and unlabeled):
+        return (out, None) if labeled else (None, out)
+    if ds:
+        return [o[:n_l] for o in out], [o[n_l:] for o in out]
+    return out[:n_l], out[n_l:]
+
+
+class AggregatingDecouplingTrainer_supTheta(AggregatingDecouplingTrainer):
+    """The default recipe with D_theta also trained on the labeled batch (nnU-Net's DC+CE with deep supervision)
+    and the difficulty weights normalised to mean 1 (not in the released code)."""
+    theta_supervised = True
+    difficulty_normalize = True
 
 
 class AggregatingDecouplingTrainer_normDifficulty(AggregatingDecouplingTrainer):
