@@ -151,6 +151,8 @@ def test_benchmark_arm_predicts_with_the_exported_network_and_shares_the_trainin
     assert exported == [(os.path.join(fold, "checkpoint_final.pth"), "teacher",
                          os.path.join(fold, "checkpoint_final_teacher.pth"))]
     assert "ReciprocalLearningTrainer@teacher" in agg["stats"]
+    report = open(tmp_path / "bench" / "results.md").read()
+    assert "| ReciprocalLearningTrainer@teacher | 0 | ReciprocalLearningTrainer's |" in report
     settings = json.load(open(tmp_path / "bench" / "settings.json"))
     assert settings["exported_networks"] == {"ReciprocalLearningTrainer@teacher": "teacher"}
     # alone, the arm trains its trainer

@@ -13,7 +13,7 @@ import numpy as np
 from nnunet_semi.benchmark.aggregate import PSEUDO_DICE_MILESTONE, aggregate, curve_milestones
 from nnunet_semi.benchmark.commands import BenchmarkError, say
 from nnunet_semi.benchmark.settings import CHECKPOINT
-from nnunet_semi.benchmark.trainers import BASELINE
+from nnunet_semi.benchmark.trainers import BASELINE, split_arm
 from nnunet_semi.evaluation.evaluate import FOREGROUND, save_json
 from nnunet_semi.reporting import fmt_seconds, format_difference, format_mean_std, format_p, markdown_rows
 from nnunet_semi.training.progress import NNUNET_KEYS, axis_of
@@ -111,7 +111,8 @@ def results_markdown(agg: dict, title: str, settings: Optional[dict] = None, dig
         seeds_of = agg["seeds"]
         shown = [r for r in runs.values() if r["trainer"] in order and r["seed"] in seeds_of[r["trainer"]]]
         rows = [[rec["trainer"], str(rec["seed"]),
-                 fmt_seconds(rec["train_s"]) if "train_s" in rec else "–",
+                 fmt_seconds(rec["train_s"]) if "train_s" in rec else
+                 (f"{split_arm(rec['trainer'])[0]}'s" if split_arm(rec["trainer"])[1] is not None else "–"),
                  fmt_seconds(rec["predict_s"]) if "predict_s" in rec else "–",
                  "yes" if rec.get("resumed") else "no",
                  str(rec["pseudo_dice_first_epoch"]) if rec.get("pseudo_dice_first_epoch") else "–",
