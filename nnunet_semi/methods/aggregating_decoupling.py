@@ -35,6 +35,9 @@ Recipes (class attributes; a variant is a subclass):
 | mu | 1, after a supervised warm-up (>= 250 iterations and EMA pseudo Dice >= 0.5), sigmoid ramp over 500 | mu_max 10, sigmoid ramp over the whole run |
 | optimiser | nnU-Net's (SGD 0.99 Nesterov, poly from 1e-2, wd 3e-5) | SGD 0.9 Nesterov, lr 1e-2 poly, wd 3e-5 |
 
+Variants not in the released code: ``_normDifficulty`` (the difficulty weights divided by their mean) and
+``_supTheta`` (that, and D_theta also trained on the labeled batch with nnU-Net's DC+CE: ``theta_supervised``).
+
 Both optimise the network (stem, encoder, D_theta) with nnU-Net's optimiser and the auxiliary modules with a
 second optimiser of the same recipe; each is clipped at 12 (the released code does not clip). Under DDP the
 method's forward calls nnU-Net's modules directly (three paths through one encoder), so the gradients are
