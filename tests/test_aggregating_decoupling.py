@@ -164,7 +164,8 @@ def test_difficulty_weights_come_from_d_xi_and_weight_d_psi_loss_and_are_checkpo
     _, terms = tr.method_step(data, tgt, [u])
     assert torch.equal(captured["y"], tgt[0][:, 0].long())
     assert captured["pred"].shape == (B, PATCH, PATCH)
-    assert torch.equal(tr._weighted_dc_ce.class_weights, tr.difficulty.weights.float())
+    w = tr.difficulty.weights.float()
+    assert torch.allclose(tr._weighted_dc_ce.class_weights, w / w.mean())   # the default normalises them
     assert [float(terms[f"difficulty_w{c}"]) for c in range(NUM_CLASSES)] == pytest.approx(
         tr.difficulty.weights.tolist(), rel=1e-6)
     torch.save(tr.semi_state_dict(), tmp_path / "s.pth")
@@ -261,10 +262,10 @@ def test_normalised_difficulty_weights_keep_the_class_ratios_at_mean_one():
 
 
 @pytest.mark.parametrize("gate_open", [False, True], ids=["gate_closed", "gate_open"])
-def test_supervised_d_theta_adds_nnunets_loss_on_the_labeled_batch(gate_open):
-    from nnunet_semi.methods.aggregating_decoupling import AggregatingDecouplingTrainer_supTheta as ADs
+def test_default_trains_d_theta_with_nnunets_loss_on_the_labeled_batch(gate_open):
+    from nnunet_semi.methods.aggregating_decoupling import AggregatingDecouplingTrainer_thetaUnlabeled as ADu
     from nnunet_semi.methods.aggregating_decoupling import split_decode
-    tr = make_trainer(ADs, **(OPEN_GATE if gate_open else {}))
+    tr = make_trainer(AD, **(OPEN_GATE if gate_open else {}))
     tr.update_unsup_gate()
     assert (tr.unsup_weight_now() > 0) == gate_open
     data, tgt, u = batches(tr)
@@ -286,6 +287,11 @@ def test_supervised_d_theta_adds_nnunets_loss_on_the_labeled_batch(gate_open):
     grad = net.decoder.seg_layers[-1].weight.grad
     assert grad is not None and float(grad.abs().sum()) > 0
     assert not all(torch.equal(before[k], v) for k, v in net.decoder.state_dict().items())
-    default = make_trainer(AD)
-    _, terms = default.method_step(data, tgt, [u])
-    assert "loss_sup" not in terms and unwrap(default.network).decoder.seg_layers[-1].weight.grad is None
+    # as released (D_theta on unlabeled data only, raw difficulty weights): the earlier default and the released
+    # recipe; with the gate closed D_theta gets no gradient at all
+    assert (ADr.theta_supervised, ADr.difficulty_normalize) == (False, False)
+    other = make_trainer(ADu)
+    d2, t2, u2 = batches(other)
+    _, terms = other.method_step(d2, t2, [u2])
+    assert "loss_sup" not in terms and unwrap(other.network).decoder.seg_layers[-1].weight.grad is None
+    assert torch.equal(other._weighted_dc_ce.class_weights, other.difficulty.weights.float())

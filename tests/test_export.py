@@ -165,3 +165,34 @@ def test_benchmark_arm_predicts_with_the_exported_network_and_shares_the_trainin
         with pytest.raises(BenchmarkError, match="TRAINER@NETWORK"):
             Benchmark(BenchmarkSettings(dataset="991", out=str(tmp_path / "b3"), trainers=[bad], seeds=[0],
                                         epochs=2, iters=1, raw=raw, preprocessed=pre))
+
+
+def test_benchmark_refuses_a_recorded_run_of_other_hyper_parameters(tmp_path):
+    """A default that changed after a run was recorded: the harness stops before running anything, naming the
+    checkpoint and the hyper-parameter, instead of reporting (or resuming) the old recipe as the new one."""
+    from test_demo_and_benchmark import _fake_benchmark_data, _simulated_executor
+    from nnunet_semi.benchmark import Benchmark, BenchmarkError, BenchmarkSettings
+    from nnunet_semi.methods.mean_teacher import MeanTeacherTrainer
+    from nnunet_semi.training.base import class_hparams
+    raw, pre = _fake_benchmark_data(str(tmp_path))
+
+    def bench(executor):
+        executor.bench = Benchmark(BenchmarkSettings(dataset="991", out=str(tmp_path / "bench"),
+                                                     trainers=["MeanTeacherTrainer"], seeds=[0], epochs=2, iters=1,
+                                                     raw=raw, preprocessed=pre), executor=executor)
+        return executor.bench
+
+    real = _simulated_executor(epochs=2)
+    fold = bench(real).model_dir("MeanTeacherTrainer", 0)
+    os.makedirs(fold)
+    hp = class_hparams(MeanTeacherTrainer)
+    torch.save({"nnunet_semi": {"hparams": dict(hp, unsup_weight=0.1)}}, os.path.join(fold, "checkpoint_final.pth"))
+    with pytest.raises(BenchmarkError, match=r"checkpoint_final.pth was trained with other hyper-parameters than "
+                                             r"MeanTeacherTrainer has now: unsup_weight 0.1 \(now 1.0\)"):
+        real.bench.run()
+    assert real.commands == [c for c in real.commands if c[0] == "nnUNetv2_preprocess_unlabeled"]
+    # the same recipe (and a stored key the class no longer has) is taken as it is: predicted, not retrained
+    torch.save({"nnunet_semi": {"hparams": dict(hp, removed_attribute=3)}}, os.path.join(fold, "checkpoint_final.pth"))
+    real2 = _simulated_executor(epochs=2)
+    bench(real2).run()
+    assert [c[0] for c in real2.commands if "-tr" in c] == ["nnUNetv2_predict"]

@@ -20,12 +20,12 @@ from nnunet_semi.methods.mean_teacher import MeanTeacherTrainer, MeanTeacherTrai
 from nnunet_semi.methods.reciprocal_learning import ReciprocalLearningTrainer, ReciprocalLearningTrainer_released
 from nnunet_semi.methods.aggregating_decoupling import (AggregatingDecouplingTrainer,
                                                         AggregatingDecouplingTrainer_released,
-                                                        AggregatingDecouplingTrainer_supTheta)
+                                                        AggregatingDecouplingTrainer_thetaUnlabeled)
 
 #: every method's default and released recipe
 METHODS = [MeanTeacherTrainer, MeanTeacherTrainer_released, CrossMatchTrainer, CrossMatchTrainer_released,
            ReciprocalLearningTrainer, ReciprocalLearningTrainer_released, AggregatingDecouplingTrainer,
-           AggregatingDecouplingTrainer_released, AggregatingDecouplingTrainer_supTheta]
+           AggregatingDecouplingTrainer_released, AggregatingDecouplingTrainer_thetaUnlabeled]
 #: the unsupervised terms act from the step the test takes (the base's warm-up gate opens there)
 OPEN_GATE = {"warmup_iters": 0, "warmup_pseudo_dice": None}
 BATCH = 2

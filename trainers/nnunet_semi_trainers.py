@@ -13,4 +13,4 @@ from nnunet_semi.methods.reciprocal_learning import (ReciprocalLearningTrainer, 
 from nnunet_semi.methods.aggregating_decoupling import (AggregatingDecouplingTrainer,  # noqa: F401
                                                         AggregatingDecouplingTrainer_normDifficulty,
                                                         AggregatingDecouplingTrainer_released,
-                                                        AggregatingDecouplingTrainer_supTheta)
+                                                        AggregatingDecouplingTrainer_thetaUnlabeled)

@@ -364,6 +364,39 @@ class Benchmark:
         return os.path.isdir(folder) and all(os.path.isfile(os.path.join(folder, c + self.file_ending))
                                              for c in self.cases)
 
+    def check_recipe(self, trainer: str, seed: int) -> None:
+        """Refuse a recorded run (checkpoint_final or checkpoint_latest) whose stored hyper-parameters differ
+        from the trainer's current ones (e.g. a default changed since): its results would be reported as a recipe
+        it did not train with, and resuming would mix two recipes."""
+        cls = self.registered[split_arm(trainer)[0]]
+        if not is_semi_supervised(cls):
+            return
+        from nnunet_semi.training.base import CHECKPOINT_KEY, class_hparams
+        from nnunet_semi.training.budget import SCHEDULE_VARS
+        md = self.model_dir(trainer, seed)
+        path = next((os.path.join(md, c) for c in (CHECKPOINT, "checkpoint_latest.pth")
+                     if os.path.isfile(os.path.join(md, c))), None)
+        if path is None:
+            return
+        import torch
+        try:
+            stored = (torch.load(path, map_location="cpu", weights_only=False).get(CHECKPOINT_KEY) or {}).get("hparams")
+        except Exception:   # unreadable here: nnU-Net reports it when it loads the file
+            return
+        if not stored:
+            return
+        overridden = {attr for var, attr in SCHEDULE_VARS.items() if os.environ.get(var, "").strip()}
+        want = class_hparams(cls)
+        diff = {k: (stored[k], want[k]) for k in stored if k in want and k not in overridden and
+                (list(stored[k]) if isinstance(stored[k], tuple) else stored[k]) !=
+                (list(want[k]) if isinstance(want[k], tuple) else want[k])}
+        if diff:
+            shown = ", ".join(f"{k} {a!r} (now {b!r})" for k, (a, b) in list(diff.items())[:6])
+            raise BenchmarkError(
+                f"{path} was trained with other hyper-parameters than {split_arm(trainer)[0]} has now: {shown}. Its "
+                f"results would be reported as the current recipe. Move {os.path.dirname(md)} away (or use another "
+                f"--results-dir) to train it again, or run the variant it was trained as.")
+
     def run_status(self, trainer: str, seed: int) -> str:
         md = self.model_dir(trainer, seed)
         if os.path.isfile(os.path.join(md, CHECKPOINT)):
@@ -500,6 +533,8 @@ class Benchmark:
         s = self.s
         total = len(s.seeds) * len(s.trainers)
         runs = [(trainer, seed) for seed in s.seeds for trainer in s.trainers]
+        for trainer, seed in runs:   # before anything runs: a recorded run of another recipe stops the benchmark
+            self.check_recipe(trainer, seed)
         for i, (trainer, seed) in enumerate(runs, 1):
             tag = f"({i}/{total}) {trainer} seed {seed}"
             status = self.run_status(trainer, seed)

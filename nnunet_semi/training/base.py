@@ -70,6 +70,24 @@ NNUNET_LOGGED = {"loss"}
 NOT_HPARAMS = {"benchmark_default"}
 
 
+def hparam_names(cls: type) -> List[str]:
+    """The semi-supervised hyper-parameters of a trainer class: the public scalar class attributes of its
+    plugin classes (what ``semi_hparams`` saves in every checkpoint)."""
+    names: List[str] = []
+    for c in reversed(cls.__mro__):
+        if c.__module__.startswith("nnunet_semi"):
+            for k, v in vars(c).items():
+                if not k.startswith("_") and k not in NOT_HPARAMS and k not in names and \
+                        isinstance(v, (int, float, str, bool, tuple, type(None))):
+                    names.append(k)
+    return names
+
+
+def class_hparams(cls: type) -> dict:
+    """The hyper-parameters a new run of ``cls`` trains with, before environment overrides."""
+    return {k: getattr(cls, k) for k in hparam_names(cls)}
+
+
 def _inner_loader(augmenter):
     """nnU-Net's DataLoader inside a (NonDet)MultiThreaded or SingleThreaded augmenter."""
     for attr in ("generator", "data_loader"):
@@ -234,15 +252,9 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
             mod.decoder.deep_supervision = enabled
 
     def semi_hparams(self) -> dict:
-        """Every semi-supervised hyper-parameter (class attributes of the plugin's classes)."""
-        out = {}
-        for cls in reversed(type(self).__mro__):
-            if cls.__module__.startswith("nnunet_semi"):
-                for k, v in vars(cls).items():
-                    if not k.startswith("_") and k not in NOT_HPARAMS and \
-                            isinstance(v, (int, float, str, bool, tuple, type(None))):
-                        out[k] = getattr(self, k)
-        return out
+        """Every semi-supervised hyper-parameter (class attributes of the plugin's classes), as this trainer
+        uses them (environment overrides included)."""
+        return {k: getattr(self, k) for k in hparam_names(type(self))}
 
     def get_strong_transform(self, do_dummy_2d_data_aug: bool):
         """The image-only strong perturbation (override for a method's own strong augmentation)."""
