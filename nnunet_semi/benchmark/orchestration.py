@@ -367,7 +367,8 @@ class Benchmark:
     def check_recipe(self, trainer: str, seed: int) -> None:
         """Refuse a recorded run (checkpoint_final or checkpoint_latest) whose stored hyper-parameters differ
         from the trainer's current ones (e.g. a default changed since): its results would be reported as a recipe
-        it did not train with, and resuming would mix two recipes."""
+        it did not train with, and resuming would mix two recipes. The warm-up schedule attributes, which the
+        environment may set per run, are not compared."""
         cls = self.registered[split_arm(trainer)[0]]
         if not is_semi_supervised(cls):
             return
@@ -385,7 +386,9 @@ class Benchmark:
             return
         if not stored:
             return
-        overridden = {attr for var, attr in SCHEDULE_VARS.items() if os.environ.get(var, "").strip()}
+        # the warm-up schedule can be set per run from the environment (nnUNet_semi_warmup_iters ..., e.g. by the
+        # demo), like the budget: a run-level setting, not part of the recipe compared here
+        overridden = set(SCHEDULE_VARS.values())
         want = class_hparams(cls)
         diff = {k: (stored[k], want[k]) for k in stored if k in want and k not in overridden and
                 (list(stored[k]) if isinstance(stored[k], tuple) else stored[k]) !=
