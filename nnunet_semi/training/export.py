@@ -60,10 +60,10 @@ def export_choices(checkpoint: Mapping, partial_exports: Optional[Mapping[str, T
     """name -> what it is, for every network of ``checkpoint`` that can become ``network_weights``."""
     keys = set(checkpoint["network_weights"])
     choices = {STUDENT: "the student network (network_weights of a run that exports the student)"}
-    for name, weights in _aux_weights(checkpoint).items():
+    aux = _aux_weights(checkpoint)
+    for name, weights in aux.items():
         if set(weights) == keys:
             choices[name] = f"auxiliary module '{name}' (a whole network of the plans)"
-    aux = _aux_weights(checkpoint)
     for name, (module, src_prefix, dst_prefix) in (partial_exports or {}).items():
         if module in aux:
             choices[name] = (f"the student's encoder with '{module}.{src_prefix.rstrip('.')}' in place of "
