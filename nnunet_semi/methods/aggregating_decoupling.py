@@ -63,7 +63,7 @@ from nnunet_semi.diffusion import ddim_sample, encode_label, linear_alphas_cumpr
 from nnunet_semi.ema import unwrap
 from nnunet_semi.losses import ClassWeightedDiceCE, deep_supervision_targets, reparameterize_and_smooth
 from nnunet_semi.networks.aggregating_decoupling import ADExtras, decode, encode
-from nnunet_semi.networks.feature_perturbation import full_resolution
+from nnunet_semi.networks.feature_perturbation import full_resolution, split_batch
 from nnunet_semi.training.auxiliary import AuxiliaryModule
 from nnunet_semi.training.base import SemiSupervisedTrainer
 
@@ -285,9 +285,7 @@ def split_decode(decoder, skips: List[torch.Tensor], n_l: int, labeled: bool, un
     out = decode(decoder, part, None, ds)
     if not (labeled and unlabeled):
         return (out, None) if labeled else (None, out)
-    if ds:
-        return [o[:n_l] for o in out], [o[n_l:] for o in out]
-    return out[:n_l], out[n_l:]
+    return split_batch(out, n_l)
 
 
 class AggregatingDecouplingTrainer_thetaUnlabeled(AggregatingDecouplingTrainer):

@@ -47,7 +47,7 @@ from torch import nn
 
 from nnunet_semi.ema import unwrap
 from nnunet_semi.losses import deep_supervision_targets, pseudo_label
-from nnunet_semi.networks.feature_perturbation import full_resolution
+from nnunet_semi.networks.feature_perturbation import full_resolution, split_batch
 from nnunet_semi.training.auxiliary import AuxiliaryModule
 from nnunet_semi.training.base import SemiSupervisedTrainer
 
@@ -228,13 +228,6 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
     def load_semi_state_dict(self, state: dict) -> None:
         super().load_semi_state_dict(state)
         self.teacher_pretrained = bool(state.get("teacher_pretrained", self.teacher_pretrained))
-
-
-def split_batch(out, n: int):
-    """(first n samples, the rest) of a network output (a deep-supervision list or a tensor)."""
-    if isinstance(out, (list, tuple)):
-        return [o[:n] for o in out], [o[n:] for o in out]
-    return out[:n], out[n:]
 
 
 def load_teacher_checkpoint(teacher: nn.Module, path: str, plans_name: str, configuration: str, dataset_name: str,

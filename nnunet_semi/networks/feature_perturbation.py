@@ -18,6 +18,14 @@ def full_resolution(out):
     return out[0] if isinstance(out, (list, tuple)) else out
 
 
+def split_batch(out, n: int):
+    """(first n samples, the rest) of a network output (a deep-supervision list or a tensor): one forward on a
+    concatenated batch, split back (Reciprocal Learning's teacher, A&D's D_theta)."""
+    if isinstance(out, (list, tuple)):
+        return [o[:n] for o in out], [o[n:] for o in out]
+    return out[:n], out[n:]
+
+
 class FeaturePerturbationUNet:
     """Mixin for nnU-Net's encoder/decoder networks (anything with ``.encoder(x) -> skips`` and
     ``.decoder(skips)``). Mixed in by :func:`add_feature_perturbation`; adds no module or parameter.
