@@ -1,13 +1,19 @@
 """Learning curve of one trainer from several benchmark folders that differ only in their budget.
 
     python benchmarks/learning_curve.py runs/curve_104_2d_*x50_val -o curve_104 [--trainer SupervisedBaselineTrainer]
+        [--arms MeanTeacherTrainer CrossMatchTrainer]
 
 Reads each folder's ``settings.json`` (budget = epochs x iterations) and ``results.json`` (mean Dice over
 the evaluated cases, per seed), and writes ``<out>.md`` (one row per budget: mean Dice per seed and over
-seeds, the gain over the previous budget, training wall time) and ``<out>.png`` (Dice against iterations,
+seeds, the gain over the previous budget over the seeds both have, training wall time) and ``<out>.png`` (Dice against iterations,
 log2 axis). It names the first budget whose doubling gains less than ``--threshold`` points (1 by default),
 the benchmark rules' "converged" budget. Folders must share the dataset, configuration, plans and
 evaluated cases; a mismatch is an error that names the folder.
+
+``--arms`` adds other trainers recorded in the same folders (semi-supervised arms): a second table with each
+arm's mean Dice per budget and its difference from ``--trainer`` over the seeds both have, and the arms as
+dashed lines on the plot, so that whether a method's gain grows or shrinks with the budget can be seen. A
+folder without an arm is skipped for that arm.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from typing import List, Optional
 COMPARED = ("dataset", "configuration", "plans", "eval_group", "plans_config")
 
 
-def load_point(folder: str, trainer: str) -> dict:
+def load_point(folder: str, trainer: str, required: bool = True) -> Optional[dict]:
     try:
         with open(os.path.join(folder, "settings.json")) as f:
             settings = json.load(f)
@@ -31,6 +37,8 @@ def load_point(folder: str, trainer: str) -> dict:
                          f"--report-only there first")
     seeds = results.get("seed_level", {}).get(trainer, {}).get("per_seed", {})
     if not seeds:
+        if not required:
+            return None
         raise SystemExit(f"error: {folder}: no finished {trainer} run in results.json")
     train_s = [r["train_s"] for r in results.get("runs", {}).values()
                if r.get("trainer") == trainer and r.get("train_s") is not None]
@@ -67,12 +75,18 @@ def table(points: List[dict], trainer: str, threshold: float) -> str:
     rows, prev = [], None
     for p in points:
         m = mean(p["dice"].values())
-        gain = "" if prev is None else f"{m - prev:+.2f}"
+        gain = ""
+        if prev is not None:    # over the seeds both budgets have, as converged_budget compares them
+            common = sorted(set(p["dice"]) & set(prev["dice"]))
+            if common:
+                gain = f"{mean(p['dice'][s] - prev['dice'][s] for s in common):+.2f}"
+                if len(common) < max(len(p["dice"]), len(prev["dice"])):
+                    gain += f" (seed{'s' if len(common) > 1 else ''} {', '.join(map(str, common))})"
         t = f"{mean(p['train_s']) / 60:.1f} min" if p["train_s"] else "–"
         cells = [str(p["iterations"]), f"{p['epochs']} x {p['iters']}"]
         cells += [f"{p['dice'][s]:.2f}" if s in p["dice"] else "–" for s in seeds]
         rows.append(cells + [f"{m:.2f}", gain, t])
-        prev = m
+        prev = p
     lines = markdown_rows(head, rows).split("\n")
     conv = converged_budget(points, threshold)
     key = points[0]["key"]
@@ -84,7 +98,27 @@ def table(points: List[dict], trainer: str, threshold: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(points: List[dict], trainer: str, path: str) -> None:
+def arms_table(points: List[dict], arms: dict, trainer: str) -> str:
+    """One row per (budget, arm): the arm's seeds, mean, and mean difference from ``trainer`` over the seeds
+    both have at that budget (seed-level means, so the pairs are seeds)."""
+    from nnunet_semi.reporting import markdown_rows
+    by_iters = {p["iterations"]: p for p in points}
+    rows = []
+    for arm, arm_points in arms.items():
+        for q in arm_points:
+            base = by_iters[q["iterations"]]
+            common = sorted(set(q["dice"]) & set(base["dice"]))
+            diffs = [q["dice"][s] - base["dice"][s] for s in common]
+            t = f"{mean(q['train_s']) / 60:.1f} min" if q["train_s"] else "–"
+            rows.append([str(q["iterations"]), arm, ", ".join(f"{q['dice'][s]:.2f}" for s in sorted(q["dice"])),
+                         f"{mean(q['dice'].values()):.2f}",
+                         f"{mean(diffs):+.2f} ({len(common)} seed{'s' if len(common) != 1 else ''})" if diffs else "–",
+                         t])
+    head = ["iterations", "arm", "per seed", "mean", f"Δ vs {trainer} (same seeds)", "train time"]
+    return markdown_rows(head, rows) + "\n"
+
+
+def plot(points: List[dict], trainer: str, path: str, arms: Optional[dict] = None) -> None:
     import matplotlib
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
@@ -93,12 +127,16 @@ def plot(points: List[dict], trainer: str, path: str) -> None:
     for s in sorted({s for p in points for s in p["dice"]}):
         pts = [(p["iterations"], p["dice"][s]) for p in points if s in p["dice"]]
         ax.plot(*zip(*pts), marker="o", alpha=0.5, label=f"seed {s}")
-    ax.plot(x, [mean(p["dice"].values()) for p in points], marker="s", color="black", lw=2, label="mean")
+    ax.plot(x, [mean(p["dice"].values()) for p in points], marker="s", color="black", lw=2,
+            label=f"{trainer} (mean)" if arms else "mean")
+    for arm, arm_points in (arms or {}).items():
+        ax.plot([q["iterations"] for q in arm_points], [mean(q["dice"].values()) for q in arm_points],
+                marker="^", ls="--", lw=2, label=f"{arm} (mean)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(x, [str(v) for v in x])
     ax.set_xlabel("training iterations")
     ax.set_ylabel("mean Dice (%)")
-    ax.set_title(f"{trainer}: learning curve", fontsize=10)
+    ax.set_title(f"{trainer}: learning curve" + (" and semi-supervised arms" if arms else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -112,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--out", required=True, help="output prefix: writes <out>.md and <out>.png")
     p.add_argument("--trainer", default="SupervisedBaselineTrainer")
     p.add_argument("--threshold", type=float, default=1.0, help="Dice points a doubling must gain (default 1)")
+    p.add_argument("--arms", nargs="+", default=[], metavar="TRAINER",
+                   help="other trainers recorded in the same folders, compared with --trainer at each budget")
     args = p.parse_args(argv)
     points = sorted((load_point(f, args.trainer) for f in args.folders), key=lambda q: q["iterations"])
     for q in points[1:]:
@@ -122,10 +162,18 @@ def main(argv=None) -> int:
     if len({q["iterations"] for q in points}) != len(points):
         raise SystemExit("error: two folders have the same budget")
     md = table(points, args.trainer, args.threshold)
+    arms = {}
+    for arm in args.arms:
+        arm_points = [q for q in (load_point(p_["folder"], arm, required=False) for p_ in points) if q is not None]
+        if not arm_points:
+            raise SystemExit(f"error: no folder has a finished {arm} run; folders: {[p_['folder'] for p_ in points]}")
+        arms[arm] = arm_points
+    if arms:
+        md += f"\nOther arms at the budgets where they ran:\n\n{arms_table(points, arms, args.trainer)}"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".md", "w") as f:
         f.write(md)
-    plot(points, args.trainer, args.out + ".png")
+    plot(points, args.trainer, args.out + ".png", arms)
     print(md)
     print(f"wrote {args.out}.md and {args.out}.png")
     return 0
