@@ -106,8 +106,20 @@ def test_every_teacher_parameter_gets_a_gradient_and_the_step_is_finite():
         assert set(tr._grad_norms) == {"network", "teacher"}
 
 
+def test_teacher_warmup_length():
+    """A fixed number of iterations, capped by the fraction of a short run; 0 from a teacher checkpoint."""
+    tr = rl_trainer(teacher_pretrained=False)                 # the default: 400, at most 20% of the run
+    assert tr.total_steps == 100 and tr.teacher_warmup_iters() == 20
+    tr.num_epochs = 5000 // tr.num_iterations_per_epoch    # 5000 iterations: the fixed 400
+    assert tr.total_steps == 5000 and tr.teacher_warmup_iters() == 400
+    tr.teacher_warmup_iterations = None                       # the fraction alone
+    assert tr.teacher_warmup_iters() == 1000
+    tr.teacher_pretrained = True
+    assert tr.teacher_warmup_iters() == 0
+
+
 def test_teacher_warmup_trains_the_teacher_alone():
-    tr = rl_trainer(teacher_pretrained=False, teacher_warmup_fraction=0.5)
+    tr = rl_trainer(teacher_pretrained=False, teacher_warmup_fraction=0.5, teacher_warmup_iterations=None)
     assert tr.teacher_warmup_iters() == 50
     data, target, u = batch(2)
     tgt = ds_targets(tr.network(data), target)

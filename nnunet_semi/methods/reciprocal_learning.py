@@ -24,8 +24,8 @@ Teacher initialisation: the released code starts from a supervised model of the 
 Here either ``nnUNet_semi_teacher_checkpoint=<checkpoint_final.pth>`` of a SupervisedBaselineTrainer (or any
 nnU-Net trainer) run of the same dataset, plans and configuration (a checkpoint of other plans,
 configuration or architecture is refused with a message naming it), or, without it, a supervised warm-up
-inside the same run: for the first ``teacher_warmup_fraction`` of the iterations only the teacher trains, on
-the labeled batch; the student starts afterwards. ``--c`` restores both networks and both optimizers
+inside the same run: for the first ``teacher_warmup_iterations`` (400; at most ``teacher_warmup_fraction`` = 20%
+of a shorter run) only the teacher trains, on the labeled batch; the student starts afterwards. ``--c`` restores both networks and both optimizers
 from the checkpoint (the teacher is never re-initialised); the LR schedules are functions of the epoch,
 rebuilt as nnU-Net's.
 
@@ -89,8 +89,12 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
     released_lr: float = 0.01
     released_weight_decay: float = 1e-4
     released_step_iters: int = 2500
-    #: fraction of the iterations in which only the teacher trains (supervised) when no teacher checkpoint
-    #: is given; 0 = the student starts at once from a random teacher
+    #: iterations in which only the teacher trains (supervised) when no teacher checkpoint is given: a fixed
+    #: number, as the other methods' warm-up, so a longer run gives the student more iterations rather than
+    #: a later start ...
+    teacher_warmup_iterations: Optional[int] = 400
+    #: ... but at most this fraction of the run (demos and smoke tests of a few iterations; None: no cap). With
+    #: ``teacher_warmup_iterations = None`` the fraction alone sets it; 0 = the student starts at once
     teacher_warmup_fraction: float = 0.2
     #: gradient clipping of the teacher's steps (nnU-Net's 12; None: none, as released)
     teacher_grad_clip: Optional[float] = 12.0
@@ -138,7 +142,12 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
                                            grad_clip=self.teacher_grad_clip)}
 
     def teacher_warmup_iters(self) -> int:
-        return 0 if self.teacher_pretrained else int(round(self.teacher_warmup_fraction * self.total_steps))
+        """Iterations of the teacher's supervised warm-up: 0 from a teacher checkpoint, else
+        min(teacher_warmup_iterations, teacher_warmup_fraction x all iterations)."""
+        if self.teacher_pretrained:
+            return 0
+        n = int(round(self.teacher_warmup_fraction * self.total_steps))
+        return n if self.teacher_warmup_iterations is None else min(int(self.teacher_warmup_iterations), n)
 
     # ---- losses ---------------------------------------------------------------------------------
     def sup_loss(self, out, target) -> torch.Tensor:
