@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run semi-supervised nnU-Net trainers and nnU-Net's supervised reference end to end on CPU "
                     "(generate/convert, plan and preprocess, train with the same budget, predict the held-out cases, "
                     "evaluate, draw demo_overview.png).",
-        epilog="examples:\n  nnUNetv2_semi_demo                       # synthetic data, about 15 min on 2 busy CPU cores\n"
+        epilog="examples:\n  nnUNetv2_semi_demo                       # synthetic data, about 4 min on 2 CPU cores\n"
                "  nnUNetv2_semi_demo --quick               # smoke test, a minute or two\n"
                "  nnUNetv2_semi_demo --hippocampus ../shared/data/hippocampus --labeled 4 --max-cases 40")
     p.add_argument("--out", default="./nnunet_semi_demo",
