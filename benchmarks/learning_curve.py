@@ -21,7 +21,7 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 COMPARED = ("dataset", "configuration", "plans", "eval_group", "plans_config")
 
@@ -49,6 +49,15 @@ def load_point(folder: str, trainer: str, required: bool = True) -> Optional[dic
             "key": {k: settings.get(k) for k in COMPARED}}
 
 
+def seed_gain(q: dict, p: dict) -> Tuple[Optional[float], List[int]]:
+    """Mean Dice of ``q`` minus that of ``p`` over the seeds both have (None if none), and those seeds: every
+    comparison here (a doubling of the budget, an arm against supervised) pairs seeds this way."""
+    common = sorted(set(p["dice"]) & set(q["dice"]))
+    if not common:
+        return None, common
+    return sum(q["dice"][s] - p["dice"][s] for s in common) / len(common), common
+
+
 def converged_budget(points: List[dict], threshold: float) -> Optional[int]:
     """The first budget b such that the budget 2b exists and its mean Dice (over the seeds both have) is less
     than ``threshold`` points above b's."""
@@ -57,8 +66,8 @@ def converged_budget(points: List[dict], threshold: float) -> Optional[int]:
         q = by_iters.get(2 * p["iterations"])
         if q is None:
             continue
-        common = sorted(set(p["dice"]) & set(q["dice"]))
-        if common and sum(q["dice"][s] - p["dice"][s] for s in common) / len(common) < threshold:
+        gain, _ = seed_gain(q, p)
+        if gain is not None and gain < threshold:
             return p["iterations"]
     return None
 
@@ -77,9 +86,9 @@ def table(points: List[dict], trainer: str, threshold: float) -> str:
         m = mean(p["dice"].values())
         gain = ""
         if prev is not None:    # over the seeds both budgets have, as converged_budget compares them
-            common = sorted(set(p["dice"]) & set(prev["dice"]))
-            if common:
-                gain = f"{mean(p['dice'][s] - prev['dice'][s] for s in common):+.2f}"
+            g, common = seed_gain(p, prev)
+            if g is not None:
+                gain = f"{g:+.2f}"
                 if len(common) < max(len(p["dice"]), len(prev["dice"])):
                     gain += f" (seed{'s' if len(common) > 1 else ''} {', '.join(map(str, common))})"
         t = f"{mean(p['train_s']) / 60:.1f} min" if p["train_s"] else "–"
@@ -106,13 +115,11 @@ def arms_table(points: List[dict], arms: dict, trainer: str) -> str:
     rows = []
     for arm, arm_points in arms.items():
         for q in arm_points:
-            base = by_iters[q["iterations"]]
-            common = sorted(set(q["dice"]) & set(base["dice"]))
-            diffs = [q["dice"][s] - base["dice"][s] for s in common]
+            d, common = seed_gain(q, by_iters[q["iterations"]])
             t = f"{mean(q['train_s']) / 60:.1f} min" if q["train_s"] else "–"
             rows.append([str(q["iterations"]), arm, ", ".join(f"{q['dice'][s]:.2f}" for s in sorted(q["dice"])),
                          f"{mean(q['dice'].values()):.2f}",
-                         f"{mean(diffs):+.2f} ({len(common)} seed{'s' if len(common) != 1 else ''})" if diffs else "–",
+                         f"{d:+.2f} ({len(common)} seed{'s' if len(common) != 1 else ''})" if d is not None else "–",
                          t])
     head = ["iterations", "arm", "per seed", "mean", f"Δ vs {trainer} (same seeds)", "train time"]
     return markdown_rows(head, rows) + "\n"
