@@ -15,7 +15,8 @@ Requires planned + preprocessed labeled data and ``nnUNetv2_preprocess_unlabeled
 include the optimizer step and, for EMA trainers, the teacher update; the first ``--warmup`` steps of
 each trainer are not counted. The steps are those of the run after its supervised warm-up: the warm-up gate is
 open from step 0 (``nnUNet_semi_warmup_iters=0``, ``nnUNet_semi_warmup_pseudo_dice=none``, unless set), since
-a method may skip its unsupervised passes while the gate is closed (A&D skips its sampler).
+a method may skip its unsupervised passes while the gate is closed (A&D skips its sampler; Reciprocal Learning
+trains its teacher alone).
 
 ``--preload K`` measures the computation alone: each trainer draws K labeled batches (and the
 unlabeled batches those steps need) up front, its loader workers are stopped, and the timed steps
@@ -83,8 +84,6 @@ def build(trainer_name: str, dataset: str, configuration: str, device):
     cls = recursive_find_trainer_class_by_name(trainer_name)
     t = cls(plans=plans, configuration=configuration, fold=0, dataset_json=load_json(os.path.join(pre, "dataset.json")),
             device=device)
-    if getattr(t, "teacher_warmup_fraction", 0):
-        t.teacher_warmup_fraction = 0.0   # time Reciprocal Learning's step, not its teacher-only warm-up
     t.initialize()
     t.dataloader_train, t.dataloader_val = t.get_dataloaders()
     t.set_deep_supervision_enabled(t.enable_deep_supervision)

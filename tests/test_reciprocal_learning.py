@@ -13,6 +13,7 @@ from helpers import (LOWEST_DS_HEAD, NUM_CLASSES, build, config_manager, ds_targ
 from nnunet_semi.data.loader import UnlabeledBatch
 from nnunet_semi.losses import pseudo_label
 from nnunet_semi.methods import reciprocal_learning as rl
+from nnunet_semi.training import budget
 from nnunet_semi.methods.reciprocal_learning import (ReciprocalLearningTrainer, ReciprocalLearningTrainer_released,
                                                      load_teacher_checkpoint)
 
@@ -106,30 +107,47 @@ def test_every_teacher_parameter_gets_a_gradient_and_the_step_is_finite():
         assert set(tr._grad_norms) == {"network", "teacher"}
 
 
-def test_teacher_warmup_length():
-    """A fixed number of iterations, capped by the fraction of a short run; 0 from a teacher checkpoint."""
+def test_teacher_warmup_length(monkeypatch):
+    """The base gate's fixed number of iterations, capped by the fraction of a short run; 0 from a teacher
+    checkpoint; nnUNet_semi_warmup_iters sets it per run as for every method (uncapped)."""
     tr = rl_trainer(teacher_pretrained=False)                 # the default: 400, at most 20% of the run
-    assert tr.total_steps == 100 and tr.teacher_warmup_iters() == 20
+    assert tr.total_steps == 100 and tr.warmup_length() == 20
     tr.num_epochs = 5000 // tr.num_iterations_per_epoch    # 5000 iterations: the fixed 400
-    assert tr.total_steps == 5000 and tr.teacher_warmup_iters() == 400
-    tr.teacher_warmup_iterations = None                       # the fraction alone
-    assert tr.teacher_warmup_iters() == 1000
+    assert tr.total_steps == 5000 and tr.warmup_length() == 400
+    tr.warmup_max_fraction = None
+    tr.num_epochs = 100 // tr.num_iterations_per_epoch
+    assert tr.warmup_length() == 400                          # no cap
     tr.teacher_pretrained = True
-    assert tr.teacher_warmup_iters() == 0
+    assert tr.warmup_length() == 0
+    tr = rl_trainer(teacher_pretrained=False)
+    monkeypatch.setenv("nnUNet_semi_warmup_iters", "60")
+    assert budget.apply_schedule_overrides(tr) == {"warmup_iters": 60, "warmup_max_fraction": None}
+    assert (tr.total_steps, tr.warmup_length()) == (100, 60)
+
+
+def test_teacher_warmup_refuses_a_pseudo_dice_gate():
+    """nnU-Net's pseudo Dice is the student's, which does not train during the teacher's warm-up: a gate on it
+    would never open, so it is refused with the variable to set."""
+    with pytest.raises(ValueError, match="nnUNet_semi_warmup_pseudo_dice=none"):
+        rl_trainer(teacher_pretrained=False, warmup_pseudo_dice=0.5)
 
 
 def test_teacher_warmup_trains_the_teacher_alone():
-    tr = rl_trainer(teacher_pretrained=False, teacher_warmup_fraction=0.5, teacher_warmup_iterations=None)
-    assert tr.teacher_warmup_iters() == 50
+    tr = rl_trainer(teacher_pretrained=False, warmup_max_fraction=0.5, warmup_iters=10 ** 6)
+    assert tr.warmup_length() == 50
     data, target, u = batch(2)
     tgt = ds_targets(tr.network(data), target)
     s0 = copy.deepcopy(tr.network.state_dict())
     t0 = copy.deepcopy(tr.aux["teacher"].module.state_dict())
+    tr.update_unsup_gate()
+    assert tr.unsup_gate_step is None                          # the base gate is closed
     loss, terms = tr.method_step(data, tgt, [u])
     assert set(terms) == {"loss_teacher_sup"}
     assert all(torch.equal(v, s0[k]) for k, v in tr.network.state_dict().items())
     assert any(not torch.equal(v, t0[k]) for k, v in tr.aux["teacher"].module.state_dict().items())
-    tr.current_epoch = 5                                       # step 50: the reciprocal phase
+    tr.current_epoch = 5                                       # step 50: the gate opens, the reciprocal phase
+    tr.update_unsup_gate()
+    assert tr.unsup_gate_step == 50
     _, terms = tr.method_step(data, tgt, [u])
     assert "feedback_h" in terms
 

@@ -373,7 +373,7 @@ class Benchmark:
         if not is_semi_supervised(cls):
             return
         from nnunet_semi.training.base import CHECKPOINT_KEY, class_hparams
-        from nnunet_semi.training.budget import SCHEDULE_VARS
+        from nnunet_semi.training.budget import SCHEDULE_ATTRS
         md = self.model_dir(trainer, seed)
         path = next((os.path.join(md, c) for c in (CHECKPOINT, "checkpoint_latest.pth")
                      if os.path.isfile(os.path.join(md, c))), None)
@@ -388,7 +388,7 @@ class Benchmark:
             return
         # the warm-up schedule can be set per run from the environment (nnUNet_semi_warmup_iters ..., e.g. by the
         # demo), like the budget: a run-level setting, not part of the recipe compared here
-        overridden = set(SCHEDULE_VARS.values())
+        overridden = SCHEDULE_ATTRS
         want = class_hparams(cls)
         diff = {k: (stored[k], want[k]) for k in stored if k in want and k not in overridden and
                 (list(stored[k]) if isinstance(stored[k], tuple) else stored[k]) !=

@@ -24,8 +24,11 @@ Teacher initialisation: the released code starts from a supervised model of the 
 Here either ``nnUNet_semi_teacher_checkpoint=<checkpoint_final.pth>`` of a SupervisedBaselineTrainer (or any
 nnU-Net trainer) run of the same dataset, plans and configuration (a checkpoint of other plans,
 configuration or architecture is refused with a message naming it), or, without it, a supervised warm-up
-inside the same run: for the first ``teacher_warmup_iterations`` (400; at most ``teacher_warmup_fraction`` = 20%
-of a shorter run) only the teacher trains, on the labeled batch; the student starts afterwards. ``--c`` restores both networks and both optimizers
+inside the same run: while the base trainer's warm-up gate is closed (``warmup_iters`` = 400, at most
+``warmup_max_fraction`` = 20% of a shorter run; ``nnUNet_semi_warmup_iters`` sets it per run, as for every method)
+only the teacher trains, on the labeled batch; the student starts when the gate opens. The gate cannot wait for
+nnU-Net's pseudo Dice here (that Dice is the student's, which does not train before the gate opens), so
+``warmup_pseudo_dice`` is refused. ``--c`` restores both networks and both optimizers
 from the checkpoint (the teacher is never re-initialised); the LR schedules are functions of the epoch,
 rebuilt as nnU-Net's.
 
@@ -89,13 +92,12 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
     released_lr: float = 0.01
     released_weight_decay: float = 1e-4
     released_step_iters: int = 2500
-    #: iterations in which only the teacher trains (supervised) when no teacher checkpoint is given: a fixed
-    #: number, as the other methods' warm-up, so a longer run gives the student more iterations rather than
-    #: a later start ...
-    teacher_warmup_iterations: Optional[int] = 400
-    #: ... but at most this fraction of the run (demos and smoke tests of a few iterations; None: no cap). With
-    #: ``teacher_warmup_iterations = None`` the fraction alone sets it; 0 = the student starts at once
-    teacher_warmup_fraction: float = 0.2
+    #: iterations in which only the teacher trains (supervised) when no teacher checkpoint is given: the base
+    #: warm-up gate, a fixed number as for the other methods, so a longer run gives the student more iterations
+    #: rather than a later start ...
+    warmup_iters = 400
+    #: ... but at most this fraction of the run (demos and smoke tests of a few iterations; None: no cap)
+    warmup_max_fraction = 0.2
     #: gradient clipping of the teacher's steps (nnU-Net's 12; None: none, as released)
     teacher_grad_clip: Optional[float] = 12.0
     #: 'student' (released) or 'teacher'
@@ -112,11 +114,17 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
             raise ValueError(f"{type(self).__name__}.loss_recipe must be 'nnunet' or 'ce'")
         if self.optimizer_recipe not in ("nnunet", "released"):
             raise ValueError(f"{type(self).__name__}.optimizer_recipe must be 'nnunet' or 'released'")
+        if self.warmup_pseudo_dice is not None:
+            raise ValueError(
+                f"{type(self).__name__}: the teacher-only warm-up cannot wait for a pseudo Dice of "
+                f"{self.warmup_pseudo_dice} (nnU-Net's pseudo Dice is the student's, which does not train before the "
+                f"gate opens). Set nnUNet_semi_warmup_pseudo_dice=none, or give its length in iterations with "
+                f"nnUNet_semi_warmup_iters.")
         super().initialize()
         self.print_to_log_file(
             f"Reciprocal Learning: loss {self.loss_recipe}, optimizers {self.optimizer_recipe}, teacher "
             + ("from " + os.environ[TEACHER_CHECKPOINT_VAR] if self.teacher_pretrained else
-               f"trained alone for the first {self.teacher_warmup_iters()} iterations"))
+               f"trained alone for the first {self.warmup_length()} iterations"))
 
     # ---- optimisers -----------------------------------------------------------------------------
     def make_optimizer(self, module: nn.Module):
@@ -141,13 +149,10 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
         return {"teacher": AuxiliaryModule(teacher, trainable=True, optimizer=opt, lr_scheduler=sched,
                                            grad_clip=self.teacher_grad_clip)}
 
-    def teacher_warmup_iters(self) -> int:
-        """Iterations of the teacher's supervised warm-up: 0 from a teacher checkpoint, else
-        min(teacher_warmup_iterations, teacher_warmup_fraction x all iterations)."""
-        if self.teacher_pretrained:
-            return 0
-        n = int(round(self.teacher_warmup_fraction * self.total_steps))
-        return n if self.teacher_warmup_iterations is None else min(int(self.teacher_warmup_iterations), n)
+    def warmup_length(self) -> int:
+        """Iterations of the teacher's supervised warm-up: 0 from a teacher checkpoint, else the base gate's
+        min(warmup_iters, warmup_max_fraction x all iterations)."""
+        return 0 if self.teacher_pretrained else super().warmup_length()
 
     # ---- losses ---------------------------------------------------------------------------------
     def sup_loss(self, out, target) -> torch.Tensor:
@@ -184,7 +189,7 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
         opt_s, opt_t = self.optimizer, teacher.optimizer
         bl = data.shape[0]
         opt_t.zero_grad(set_to_none=True)
-        if self.global_step < self.teacher_warmup_iters():   # supervised warm-up of the teacher alone
+        if self.global_step < self.warmup_length():   # the gate is closed: the teacher's supervised warm-up alone
             with self.autocast():
                 loss_t = self.sup_loss(teacher.wrapped(data), target)
             self.backward(loss_t)

@@ -126,6 +126,9 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
     warmup_iters: int = 0
     #: ... and, if set, until nnU-Net's EMA pseudo Dice (ema_fg_dice, updated after each epoch) reaches this
     warmup_pseudo_dice: Optional[float] = None
+    #: ``warmup_iters`` capped at this fraction of all iterations (None: no cap), so that a run much shorter
+    #: than the recipe's warm-up (a demo, a smoke test) still gets past it
+    warmup_max_fraction: Optional[float] = None
     #: gradient-norm clipping threshold (nnU-Net's 12)
     grad_clip: float = 12.0
     # ---- EMA teacher ------------------------------------------------------------------------
@@ -310,16 +313,24 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         values = self.logger.get_value("ema_fg_dice", step=None)   # nnU-Net's MetaLogger (or LocalLogger)
         return float(values[-1]) if values else None
 
+    def warmup_length(self) -> int:
+        """Iterations before the warm-up gate may open: ``warmup_iters``, at most ``warmup_max_fraction`` of
+        all iterations when that is set."""
+        n = int(self.warmup_iters)
+        if self.warmup_max_fraction is not None:
+            n = min(n, int(round(self.warmup_max_fraction * self.total_steps)))
+        return n
+
     def update_unsup_gate(self) -> None:
-        """Open the warm-up gate at the first step with at least ``warmup_iters`` iterations done and, when
-        ``warmup_pseudo_dice`` is set, nnU-Net's EMA pseudo Dice at or above it. It never closes again."""
-        if self.unsup_gate_step is not None or self.global_step < self.warmup_iters:
+        """Open the warm-up gate at the first step with at least :meth:`warmup_length` iterations done and,
+        when ``warmup_pseudo_dice`` is set, nnU-Net's EMA pseudo Dice at or above it. It never closes again."""
+        if self.unsup_gate_step is not None or self.global_step < self.warmup_length():
             return
         dice = self.pseudo_dice_now()
         if self.warmup_pseudo_dice is not None and (dice is None or not dice >= self.warmup_pseudo_dice):
             return
         self.unsup_gate_step = self.global_step
-        if self.warmup_iters or self.warmup_pseudo_dice is not None:
+        if self.warmup_length() or self.warmup_pseudo_dice is not None:
             self.print_to_log_file(f"nnunet_semi: supervised warm-up over, unsupervised terms ramp in from step "
                                    f"{self.global_step}" + (f" (EMA pseudo Dice {dice:.3f})" if dice is not None
                                                             else ""))

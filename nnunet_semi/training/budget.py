@@ -15,7 +15,8 @@ a benchmark or a quick CPU run gives every arm the same budget without new train
 Three more set the semi-supervised trainers' warm-up schedule (class attributes of the same names),
 for runs far shorter than nnU-Net's 250000 iterations (demos, smoke tests):
 
-- ``nnUNet_semi_warmup_iters``: supervised-only iterations before the unsupervised terms may act (>= 0)
+- ``nnUNet_semi_warmup_iters``: supervised-only iterations before the unsupervised terms may act (>= 0; taken
+  as given: the recipe's ``warmup_max_fraction`` cap, if any, is lifted)
 - ``nnUNet_semi_warmup_pseudo_dice``: EMA pseudo Dice that must also be reached first (``none``: no gate)
 - ``nnUNet_semi_rampup_iters``: ramp-up length in iterations after the gate opens (>= 0)
 
@@ -68,6 +69,8 @@ def apply_budget_overrides(trainer) -> dict:
 
 SCHEDULE_VARS = {"nnUNet_semi_warmup_iters": "warmup_iters", "nnUNet_semi_warmup_pseudo_dice": "warmup_pseudo_dice",
                  "nnUNet_semi_rampup_iters": "rampup_iters"}
+#: the attributes those variables may change (``nnUNet_semi_warmup_iters`` also lifts ``warmup_max_fraction``)
+SCHEDULE_ATTRS = frozenset(SCHEDULE_VARS.values()) | {"warmup_max_fraction"}
 
 
 def apply_schedule_overrides(trainer) -> dict:
@@ -91,6 +94,9 @@ def apply_schedule_overrides(trainer) -> dict:
             raise RuntimeError(f"environment variable {var}={raw!r} must be {want}") from None
         setattr(trainer, attr, value)
         applied[attr] = value
+    if "warmup_iters" in applied and getattr(trainer, "warmup_max_fraction", None) is not None:
+        trainer.warmup_max_fraction = None   # a length given for this run is taken as given, not capped
+        applied["warmup_max_fraction"] = None
     if applied:
         trainer.print_to_log_file(f"nnunet_semi warm-up schedule from the environment: {applied}")
     return applied
