@@ -12,7 +12,7 @@ from torch import nn
 from helpers import config_manager, goto_step, make_trainer
 from nnunet_semi import losses
 from nnunet_semi.methods.crossmatch import CrossMatchTrainer, CrossMatchTrainer_released
-from nnunet_semi.methods.mean_teacher import MeanTeacherTrainer, MeanTeacherTrainer_released
+from nnunet_semi.methods.mean_teacher import MeanTeacherTrainer, MeanTeacherTrainer_ema999, MeanTeacherTrainer_released
 from nnunet_semi.training import budget
 from nnunet_semi.training.base import SemiSupervisedTrainer
 
@@ -156,6 +156,33 @@ def test_mean_teacher_recipes():
     assert (d.warmup_iters, d.warmup_pseudo_dice, d.rampup_iters) == (250, 0.5, 500)
     assert (r.consistency, r.conf_thresh, r.unsup_weight, r.mask_padding) == ("mse", None, 0.1, False)
     assert (r.warmup_iters, r.warmup_pseudo_dice, r.rampup_iters, r.rampup_fraction) == (0, None, None, 1.0)
+
+
+def test_mean_teacher_ema999_decay_schedule():
+    """0.99 while the gate is closed and the weight ramps, 0.999 once it is at full weight; the default keeps
+    0.99 throughout. The decay of an update is what the teacher moves by (checked on the weights)."""
+    tr = trainer(MeanTeacherTrainer_ema999, warmup_iters=250, warmup_pseudo_dice=None, rampup_iters=500)
+    decay = lambda t: {n: d for n, _, d, _, _ in t.ema_rules()}["teacher"]   # noqa: E731
+    at_step(tr, 100)
+    assert tr.unsup_gate_step is None and decay(tr) == 0.99
+    at_step(tr, 250)
+    at_step(tr, 600)                                            # gate open at 250, ramp still below 1
+    assert tr.unsup_gate_step == 250 and 0 < tr.rampup_factor() < 1 and decay(tr) == 0.99
+    at_step(tr, 750)                                            # 250 + 500: full weight
+    assert tr.rampup_factor() == 1.0 and decay(tr) == 0.999
+    with torch.no_grad():
+        for p in tr.teacher.parameters():
+            p.zero_()
+        for p in tr.network.parameters():
+            p.fill_(1.0)
+    tr.update_ema_modules()   # with Mean Teacher's early-step rule: min(1 - 1/(t + 1), 0.999) at t = 750
+    moved = 1.0 - min(1.0 - 1.0 / 751, 0.999)
+    assert all(torch.allclose(p, torch.full_like(p, moved)) for p in tr.teacher.parameters())
+    default = trainer(MeanTeacherTrainer, warmup_iters=250, warmup_pseudo_dice=None, rampup_iters=500)
+    at_step(default, 100)
+    assert decay(default) == 0.99
+    at_step(default, 900)
+    assert decay(default) == 0.99
 
 
 # ----------------------------------------------------------------------------------------------
