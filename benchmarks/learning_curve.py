@@ -13,7 +13,8 @@ evaluated cases; a mismatch is an error that names the folder.
 ``--arms`` adds other trainers recorded in the same folders (semi-supervised arms): a second table with each
 arm's mean Dice per budget and its difference from ``--trainer`` over the seeds both have, and the arms as
 dashed lines on the plot, so that whether a method's gain grows or shrinks with the budget can be seen. A
-folder without an arm is skipped for that arm.
+folder without an arm is skipped for that arm. A point whose mean has fewer seeds than the curve's best-covered
+budget is labelled with its number of seeds.
 """
 from __future__ import annotations
 
@@ -139,6 +140,13 @@ def plot(points: List[dict], trainer: str, path: str, arms: Optional[dict] = Non
     for arm, arm_points in (arms or {}).items():
         ax.plot([q["iterations"] for q in arm_points], [mean(q["dice"].values()) for q in arm_points],
                 marker="^", ls="--", lw=2, label=f"{arm} (mean)")
+    # a mean over fewer seeds than the curve's most is not comparable at a glance: say how many it has
+    most = max(len(p["dice"]) for p in points)
+    for q in list(points) + [q for arm_points in (arms or {}).values() for q in arm_points]:
+        if len(q["dice"]) < most:
+            ax.annotate(f"{len(q['dice'])} seed" + ("s" if len(q["dice"]) > 1 else ""),
+                        (q["iterations"], mean(q["dice"].values())), textcoords="offset points", xytext=(4, -9),
+                        fontsize=6, alpha=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(x, [str(v) for v in x])
     ax.set_xlabel("training iterations")
