@@ -8,7 +8,7 @@ and confidences. Feature dropout draws channel-wise masks (Dropout2d/3d) out of 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,16 @@ def apply_cutmix(target: torch.Tensor, source: torch.Tensor, box: torch.Tensor) 
     images (B, C, ...) and for label/confidence maps (B, ...)."""
     m = box if target.ndim == box.ndim else box.unsqueeze(1)
     return torch.where(m, source, target)
+
+
+def mix_within_batch(box: torch.Tensor, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """CutMix inside one batch: in each tensor (images, logits, label or mask maps; batch first) sample i gets
+    sample i + 1's content (the last gets the first's) where ``box`` (B, *spatial) is True. The same boxes and
+    partners for every tensor, so an image and its prediction stay aligned. A batch of one is returned as is."""
+    if box.shape[0] < 2:
+        return tensors
+    partner = torch.roll(torch.arange(box.shape[0], device=box.device), -1)
+    return tuple(apply_cutmix(t, t[partner], box) for t in tensors)
 
 
 def channel_dropout(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -148,16 +148,16 @@ class VoxelNet(nn.Module):
 
 
 @pytest.mark.parametrize("single_pass", [True, False])
-def test_cutmix_region_of_images_labels_and_confidences_line_up(monkeypatch, single_pass):
+def test_cutmix_region_of_images_labels_and_confidences_line_up(single_pass):
     torch.manual_seed(3)
     shape, b, tau = (12, 10, 8), 2, 0.8
     u = unlabeled(b, shape, -2.0, -0.05)    # the own image: pseudo-label 0 everywhere
     m = unlabeled(b, shape, 0.05, 2.0)      # the mix source: pseudo-label 1 everywhere
     boxes = []
-    real_boxes = cm.cutmix_box_masks
-    monkeypatch.setattr(cm, "cutmix_box_masks", lambda *a, **k: boxes.append(real_boxes(*a, **k)) or boxes[-1])
     tr = cm_trainer(VoxelNet(), lambda out, tgt: out.float().mean() * 0, 3, num_classes=2, cutmix_p=1.0,
                     tau=tau, single_student_pass=single_pass)
+    real_boxes = tr.cutmix_boxes
+    tr.cutmix_boxes = lambda *a: boxes.append(real_boxes(*a)) or boxes[-1]
     calls = []
     real_dice = tr.unsup_dice
     tr.unsup_dice = lambda logits, y, keep: calls.append((logits.detach(), y, keep)) or real_dice(logits, y, keep)

@@ -248,6 +248,22 @@ def test_cutmix_boxes():
     assert torch.equal(lab == 1, box)
 
 
+def test_mix_within_batch_pastes_the_next_sample_into_every_tensor_alike():
+    img = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 2, 6, 5).clone()   # sample i is filled with i
+    label = torch.arange(3).view(3, 1, 1).expand(3, 6, 5).clone()
+    box = torch.zeros(3, 6, 5, dtype=torch.bool)
+    box[0, 1:3, 1:4] = True
+    box[2, 4:, :2] = True                                                 # sample 1: no box
+    m_img, m_label = perturbations.mix_within_batch(box, img, label)
+    partner = torch.tensor([1, 2, 0])
+    for i in range(3):
+        want = torch.where(box[i], partner[i], i)
+        assert torch.equal(m_label[i], want) and torch.equal(m_img[i], want.float().expand(2, 6, 5))
+    assert torch.equal(img[:, 0, 0, 0], torch.arange(3.0))                # out of place
+    one = perturbations.mix_within_batch(torch.ones(1, 6, 5, dtype=torch.bool), img[:1], label[:1])
+    assert one[0] is img[:1] or torch.equal(one[0], img[:1])
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 def test_atomic_save_keeps_the_previous_file_on_failure(tmp_path, monkeypatch):
     f = str(tmp_path / "checkpoint_latest.pth")

@@ -12,7 +12,8 @@ from torch import nn
 from helpers import config_manager, goto_step, make_trainer
 from nnunet_semi import losses
 from nnunet_semi.methods.crossmatch import CrossMatchTrainer, CrossMatchTrainer_released
-from nnunet_semi.methods.mean_teacher import MeanTeacherTrainer, MeanTeacherTrainer_ema999, MeanTeacherTrainer_released
+from nnunet_semi.methods.mean_teacher import (MeanTeacherTrainer, MeanTeacherTrainer_cutmix, MeanTeacherTrainer_ema999,
+                                              MeanTeacherTrainer_released)
 from nnunet_semi.training import budget
 from nnunet_semi.training.base import SemiSupervisedTrainer
 
@@ -148,6 +149,41 @@ def test_mean_teacher_default_consistency_is_ce_plus_present_foreground_dice():
     again, _ = losses.consistency_loss("dice_ce", moved, teacher, 0.9, valid=valid, dice_include_background=False,
                                        dice_skip_absent_classes=True, dice_weight=1.0, ce_weight=1.0)
     assert again.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_mean_teacher_cutmix_mixes_the_student_view_and_the_teacher_prediction_alike(monkeypatch):
+    """MeanTeacherTrainer_cutmix: the student's unlabeled input is the strong view with the next sample's box
+    pasted in, and the consistency target is the teacher's prediction of the weak views mixed with the same box
+    (one teacher pass, one student pass); the default draws no box."""
+    from helpers import unlabeled
+    from nnunet_semi.methods import mean_teacher as mt
+    torch.manual_seed(5)
+    tr = trainer(MeanTeacherTrainer_cutmix)
+    tr.unsup_gate_step = 0
+    b, shape = 3, (16, 16)
+    u = unlabeled(b, shape)
+    u.valid[1, :, 12:] = False                                            # padding in sample 1
+    box = torch.zeros((b,) + shape, dtype=torch.bool)
+    box[0, 2:9, 3:12] = True
+    box[2, 8:, :5] = True
+    tr.cutmix_boxes = lambda n, spatial: box if (n, tuple(spatial)) == (b, shape) else None
+    seen, got = [], {}
+    forward = tr.network.forward
+    tr.network.forward = lambda x: seen.append(x) or forward(x)
+    real = mt.consistency_loss
+    monkeypatch.setattr(mt, "consistency_loss", lambda kind, out, tl, thr, valid=None, **k:
+                        got.update(teacher=tl, valid=valid) or real(kind, out, tl, thr, valid=valid, **k))
+    data = torch.randn((2, 1) + shape)
+    target = [torch.zeros((2, 1) + tuple(s // 2 ** i for s in shape)) for i in range(len(tr.network.decoder.seg_layers))]
+    tr.compute_loss(data, target, [u])
+    partner = torch.tensor([1, 2, 0])
+    mixed = torch.where(box[:, None], u.strong[0][partner], u.strong[0])
+    assert len(seen) == 1 and torch.equal(seen[0][2:], mixed)
+    with torch.no_grad():
+        t = tr.teacher(u.weak).float()
+    assert torch.allclose(got["teacher"], torch.where(box[:, None], t[partner], t))
+    assert torch.equal(got["valid"], torch.where(box, u.valid[partner], u.valid))
+    assert MeanTeacherTrainer.cutmix_p == 0.0 and MeanTeacherTrainer_cutmix.cutmix_p == 0.5
 
 
 def test_mean_teacher_recipes():

@@ -5,7 +5,7 @@ from nnunet_semi.methods.crossmatch import (CrossMatchTrainer, CrossMatchTrainer
                                             CrossMatchTrainer_presentClassDice, CrossMatchTrainer_rampUp,
                                             CrossMatchTrainer_released)
 from nnunet_semi.methods.mean_teacher import (MeanTeacherTrainer, MeanTeacherTrainer_confCE,  # noqa: F401
-                                              MeanTeacherTrainer_ema999,
+                                              MeanTeacherTrainer_cutmix, MeanTeacherTrainer_ema999,
                                               MeanTeacherTrainer_exportTeacher, MeanTeacherTrainer_released,
                                               MeanTeacherTrainer_weight2)
 from nnunet_semi.methods.supervised import SupervisedBaselineTrainer  # noqa: F401

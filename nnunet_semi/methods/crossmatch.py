@@ -22,7 +22,7 @@ from torch import nn
 
 from nnunet_semi.losses import masked_dice_loss, masked_mean, pseudo_label
 from nnunet_semi.networks.feature_perturbation import add_feature_perturbation, full_resolution
-from nnunet_semi.perturbations import apply_cutmix, cutmix_box_masks
+from nnunet_semi.perturbations import apply_cutmix
 from nnunet_semi.schedules import sigmoid_rampup
 from nnunet_semi.training.base import SemiSupervisedTrainer
 
@@ -143,10 +143,8 @@ class CrossMatchTrainer(SemiSupervisedTrainer):
     # ---- feature perturbation (the code's pert_gap 0.5: 0.5 -/+ 0.25) ----------------------
     fp_dropout_weak: float = 0.25
     fp_dropout_strong: float = 0.75
-    # ---- CutMix from the second unlabeled batch ---------------------------------------------
-    cutmix_p: float = 0.5
-    cutmix_area: tuple = (0.02, 0.4)
-    cutmix_ratio_min: float = 0.3
+    # ---- CutMix from the second unlabeled batch (box area and shape: the base's cutmix_area / _ratio_min) ---
+    cutmix_p = 0.5
     #: dropout-stream pseudo-labels inside the CutMix box from the mix source's dropout streams
     #: (HEAD); False = the paper-time code (from the same image) and no dropout pass on the mix source
     fp_labels_from_mix_source: bool = True
@@ -285,9 +283,7 @@ class CrossMatchTrainer(SemiSupervisedTrainer):
         u, m = unlabeled[0], unlabeled[1]
         bl, bu = data.shape[0], u.weak.shape[0]
         fp = {"p_weak": self.fp_dropout_weak, "p_strong": self.fp_dropout_strong}
-        # boxes drawn on the host: which samples got one is known without a device sync
-        box1, box2 = (cutmix_box_masks(bu, u.weak.shape[2:], self.cutmix_p, self.cutmix_area, self.cutmix_ratio_min)
-                      for _ in range(2))
+        box1, box2 = (self.cutmix_boxes(bu, u.weak.shape[2:]) for _ in range(2))   # on the host
         mix, mix_weak, mix_strong = self.mix_source_predictions(m.weak, box1, box2, fp)
         box1, box2 = box1.to(u.weak.device, non_blocking=True), box2.to(u.weak.device, non_blocking=True)
         u_s1 = apply_cutmix(u.strong[0], m.strong[0], box1)

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from nnunet_semi.losses import consistency_loss
+from nnunet_semi.perturbations import mix_within_batch
 from nnunet_semi.training.base import SemiSupervisedTrainer
 
 
@@ -61,10 +62,14 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         u = unlabeled[0]
         with torch.no_grad():
             teacher_logits = self.teacher(u.weak).float()
-        out_l, (out_u,) = self.joint_forward(data, u.strong[0])
+        strong, valid = u.strong[0], u.valid
+        if self.cutmix_p > 0:   # CutMix within the batch: no extra pass, the teacher's logits are mixed alike
+            strong, teacher_logits, valid = mix_within_batch(
+                self.cutmix_boxes(strong.shape[0], strong.shape[2:]).to(strong.device), strong, teacher_logits, valid)
+        out_l, (out_u,) = self.joint_forward(data, strong)
         loss_sup = self.loss(out_l, target)
         loss_u, stats = consistency_loss(self.consistency, out_u, teacher_logits, self.conf_thresh,
-                                         valid=u.valid if self.mask_padding else None,
+                                         valid=valid if self.mask_padding else None,
                                          dice_include_background=self.dice_include_background,
                                          dice_skip_absent_classes=self.dice_skip_absent_classes,
                                          dice_weight=self.consistency_dice_weight,
@@ -104,6 +109,14 @@ class MeanTeacherTrainer_ema999(MeanTeacherTrainer):
     `@teacher`), so its pseudo-labels add little the student does not already predict."""
     ema_decay = 0.999
     ema_decay_rampup = 0.99
+
+
+class MeanTeacherTrainer_cutmix(MeanTeacherTrainer):
+    """The default recipe with CutMix on the student's strong view (Mean Teacher with CutMix, French et al. 2020):
+    each unlabeled sample gets, with probability 0.5, a box of the next sample of the batch pasted in, and the
+    teacher's prediction of the weak views is mixed with the same boxes. No extra forward pass; a batch of one
+    sample (per DDP rank) is not mixed."""
+    cutmix_p = 0.5
 
 
 class MeanTeacherTrainer_exportTeacher(MeanTeacherTrainer):

@@ -56,6 +56,7 @@ from nnunet_semi.data.views import MultiViewTransform, split_views, strong_view_
 from nnunet_semi.ema import copy_weights, ema_decay_at, unwrap
 from nnunet_semi.env import ext_trainer_configured, missing_trainer_message
 from nnunet_semi.layout import CaseMetadata, find_case_metadata
+from nnunet_semi.perturbations import cutmix_box_masks
 from nnunet_semi.schedules import ramp
 from nnunet_semi.training.auxiliary import (AuxiliaryModule, ema_update_from, load_module_state, module_state,
                                             resolve)
@@ -111,6 +112,11 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
     strong_aug_p: float = 0.5
     #: unlabeled batches drawn per step (2 gives a CutMix source batch)
     unlabeled_batches_per_step: int = 1
+    #: CutMix boxes of the methods that mix unlabeled views (:meth:`cutmix_boxes`): probability that a sample
+    #: gets a box (0: none), box area as a fraction of the patch, and the least side ratio
+    cutmix_p: float = 0.0
+    cutmix_area: tuple = (0.02, 0.4)
+    cutmix_ratio_min: float = 0.3
     #: unlabeled loader worker processes; None = half of nnU-Net's nnUNet_n_proc_DA (0 = in-process)
     unlabeled_num_processes: Optional[int] = None
     # ---- unsupervised weight ----------------------------------------------------------------
@@ -359,6 +365,11 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         views = split_views(b["data"].to(self.device, non_blocking=True), self.num_input_channels)
         valid = b["target"].to(self.device, non_blocking=True)[:, 0] > 0
         return UnlabeledBatch(weak=views[0], strong=views[1:], valid=valid, keys=b["keys"])
+
+    def cutmix_boxes(self, batch_size: int, spatial_shape) -> torch.Tensor:
+        """(B, *spatial) bool CutMix boxes of ``cutmix_p`` / ``cutmix_area`` / ``cutmix_ratio_min``, drawn on the
+        host (which samples got one is known without a device sync)."""
+        return cutmix_box_masks(batch_size, spatial_shape, self.cutmix_p, self.cutmix_area, self.cutmix_ratio_min)
 
     def joint_forward(self, labeled: torch.Tensor, *unlabeled: torch.Tensor):
         """One student forward on [labeled; unlabeled_1; ...] (cheaper than separate passes; identical with
