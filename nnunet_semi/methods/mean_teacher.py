@@ -65,7 +65,8 @@ class MeanTeacherTrainer(SemiSupervisedTrainer):
         strong, valid = u.strong[0], u.valid
         if self.cutmix_p > 0:   # CutMix within the batch: no extra pass, the teacher's logits are mixed alike
             strong, teacher_logits, valid = mix_within_batch(
-                self.cutmix_boxes(strong.shape[0], strong.shape[2:]).to(strong.device), strong, teacher_logits, valid)
+                self.cutmix_boxes(strong.shape[0], strong.shape[2:]).to(strong.device, non_blocking=True), strong,
+                teacher_logits, valid)
         out_l, (out_u,) = self.joint_forward(data, strong)
         loss_sup = self.loss(out_l, target)
         loss_u, stats = consistency_loss(self.consistency, out_u, teacher_logits, self.conf_thresh,
