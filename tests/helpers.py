@@ -38,6 +38,17 @@ def shared_data_dir() -> str:
     return os.environ.get("NNUNET_SEMI_SHARED_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
 
 
+def files_under(root: str) -> dict:
+    """{relative path: bytes} of every file under ``root`` (to check that a refusal changed nothing)."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
 def cases_in(folder: str, sub: str) -> Set[str]:
     """The case names in ``folder/sub`` (``CASE_0000.nii.gz`` and ``CASE.nii.gz`` give ``CASE``); an absent
     folder has none."""

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from helpers import files_under
 from nnunet_semi.conversion import hippocampus as hip
 from nnunet_semi.conversion.common import run_main
 from nnunet_semi.data.unlabeled import check_unlabeled_cases, preprocess_unlabeled_entry
@@ -39,15 +40,6 @@ def write_image(path, how="ok", shape=(32, 32, 32), seed=0):
     with open(path, "wb") as f:
         f.write(bytes(data))
     return path
-
-
-def files_under(root):
-    out = {}
-    for d, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(d, f)
-            out[os.path.relpath(p, root)] = open(p, "rb").read()
-    return out
 
 
 @pytest.mark.parametrize("how", ["truncated", "corrupt"])

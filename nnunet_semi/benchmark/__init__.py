@@ -7,7 +7,8 @@ Modules: :mod:`~nnunet_semi.benchmark.commands` (running nnU-Net's commands, pro
 :mod:`~nnunet_semi.benchmark.plans_variant` (``--plans-config``), :mod:`~nnunet_semi.benchmark.settings`,
 :mod:`~nnunet_semi.benchmark.executor` (the real executor and the dry run),
 :mod:`~nnunet_semi.benchmark.orchestration` (:class:`Benchmark`), :mod:`~nnunet_semi.benchmark.aggregate` and
-:mod:`~nnunet_semi.benchmark.report` (``results.md``, ``benchmark.png``).
+:mod:`~nnunet_semi.benchmark.report` (``results.md``, ``benchmark.png``), :mod:`~nnunet_semi.benchmark.records`
+(the committed records of benchmark folders, merged over sessions; ``benchmarks/record.py``).
 
 What one benchmark does (``<out>`` is the benchmark folder)::
 

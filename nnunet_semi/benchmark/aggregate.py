@@ -14,6 +14,51 @@ from nnunet_semi.training.progress_file import PROGRESS_FILE, TIMESTAMP_KEYS, cu
 
 #: pseudo-Dice level whose first epoch the report lists per run (leaving nnU-Net's all-background phase)
 PSEUDO_DICE_MILESTONE = 0.5
+#: the project's target for a semi-supervised arm (benchmarks/README.md): its mean Dice over TARGET_SEEDS seeds at
+#: least TARGET_MEAN_GAIN points above the baseline's, and no seed more than -TARGET_WORST_SEED points below the
+#: baseline run of the same seed
+TARGET_MEAN_GAIN, TARGET_WORST_SEED, TARGET_SEEDS = 1.5, -1.0, 3
+
+
+def _paired(a: Mapping[str, float], b: Mapping[str, float], metric: str) -> dict:
+    """:func:`~nnunet_semi.evaluation.evaluate.paired_difference` of ``b - a`` with the number of pairs where b is
+    better / worse / equal (higher Dice or Jaccard, lower distances)."""
+    from nnunet_semi.evaluation.evaluate import paired_difference
+    pd = paired_difference(a, b)
+    common = [k for k in a if k in b and math.isfinite(a[k]) and math.isfinite(b[k])]
+    better = (lambda x, y: y > x) if metric in ("Dice", "Jaccard") else (lambda x, y: y < x)
+    pd["wins"] = sum(1 for k in common if better(a[k], b[k]))
+    pd["losses"] = sum(1 for k in common if better(b[k], a[k]))
+    pd["ties"] = len(common) - pd["wins"] - pd["losses"]
+    return pd
+
+
+def per_seed_comparison(values: Mapping, methods, baseline: str, seeds_of: Mapping[str, list]) -> dict:
+    """Per method and seed the paired difference of the mean Dice (classes averaged per case) against the
+    baseline's run of the same seed, and the target verdict over the seeds both have (:data:`TARGET_MEAN_GAIN`)."""
+    from nnunet_semi.evaluation.evaluate import FOREGROUND
+    out = {}
+    for m in methods:
+        if m == baseline:
+            continue
+        per_seed = {}
+        for seed in seeds_of[m]:
+            if seed not in seeds_of[baseline]:
+                continue
+            prefix = f"seed_{seed}/"
+            a = {k: v for k, v in values[baseline][FOREGROUND]["Dice"].items() if k.startswith(prefix)}
+            b = {k: v for k, v in values[m][FOREGROUND]["Dice"].items() if k.startswith(prefix)}
+            per_seed[seed] = _paired(a, b, "Dice")
+        deltas = [100.0 * d["mean_diff"] for d in per_seed.values() if math.isfinite(d["mean_diff"])]
+        mean_gain = sum(deltas) / len(deltas) if deltas else float("nan")
+        worst = min(deltas) if deltas else float("nan")
+        if len(deltas) < TARGET_SEEDS:
+            verdict = f"open ({len(deltas)} of {TARGET_SEEDS} seeds)"
+        else:
+            verdict = "met" if mean_gain >= TARGET_MEAN_GAIN and worst >= TARGET_WORST_SEED else "missed"
+        out[m] = {"per_seed": per_seed, "mean_gain_points": mean_gain, "worst_seed_points": worst,
+                  "n_seeds": len(deltas), "target": verdict}
+    return out
 
 
 def curves_from_checkpoint(checkpoint: str) -> dict:
@@ -54,7 +99,7 @@ def aggregate(summaries: Mapping[str, Mapping[int, dict]], baseline: str) -> dic
     against ``baseline`` on the (seed, case) pairs both have.
 
     ``summaries``: method -> seed -> :func:`nnunet_semi.evaluation.evaluate_folder` result."""
-    from nnunet_semi.evaluation.evaluate import FOREGROUND, PAIRED_METRICS, paired_difference, per_case_foreground
+    from nnunet_semi.evaluation.evaluate import FOREGROUND, PAIRED_METRICS, per_case_foreground
     from nnunet_semi.evaluation.metrics import METRICS
     methods = list(summaries)
     first = next(iter(next(iter(summaries.values())).values()))
@@ -84,26 +129,14 @@ def aggregate(summaries: Mapping[str, Mapping[int, dict]], baseline: str) -> dic
                                                 if k.startswith(prefix)])["mean"] for metric in METRICS}
         seed_level[m] = {"per_seed": per_seed,
                          "over_seeds": {metric: mean_std([p[metric] for p in per_seed.values()]) for metric in METRICS}}
-    paired = {}
-    for m in methods:
-        if m == baseline:
-            continue
-        paired[m] = {}
-        for key in keys + [FOREGROUND]:
-            paired[m][key] = {}
-            for metric in PAIRED_METRICS:
-                a, b = values[baseline][key][metric], values[m][key][metric]
-                pd = paired_difference(a, b)
-                common = [k for k in a if k in b and math.isfinite(a[k]) and math.isfinite(b[k])]
-                better = (lambda x, y: y > x) if metric in ("Dice", "Jaccard") else (lambda x, y: y < x)
-                pd["wins"] = sum(1 for k in common if better(a[k], b[k]))
-                pd["losses"] = sum(1 for k in common if better(b[k], a[k]))
-                pd["ties"] = len(common) - pd["wins"] - pd["losses"]
-                paired[m][key][metric] = pd
+    paired = {m: {key: {metric: _paired(values[baseline][key][metric], values[m][key][metric], metric)
+                        for metric in PAIRED_METRICS} for key in keys + [FOREGROUND]}
+              for m in methods if m != baseline}
+    seeds_of = {m: sorted(summaries[m]) for m in methods}
     n_cases = {m: {seed: len(summ["metric_per_case"]) for seed, summ in summaries[m].items()} for m in methods}
     empty = {m: {key: {kind: sum(summ["empty_counts"][key][kind] for summ in summaries[m].values())
                        for kind in ("n_empty_pred", "n_empty_ref", "n_both_empty")} for key in keys}
              for m in methods}
     return {"methods": methods, "baseline": baseline, "label_keys": keys, "label_names": names, "stats": stats,
             "seed_level": seed_level, "paired": paired, "values": values, "n_cases": n_cases, "empty_counts": empty,
-            "seeds": {m: sorted(summaries[m]) for m in methods}}
+            "seeds": seeds_of, "per_seed_paired": per_seed_comparison(values, methods, baseline, seeds_of)}

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
-from nnunet_semi.benchmark.aggregate import PSEUDO_DICE_MILESTONE, aggregate, curve_milestones
+from nnunet_semi.benchmark.aggregate import (PSEUDO_DICE_MILESTONE, TARGET_MEAN_GAIN, TARGET_SEEDS, TARGET_WORST_SEED,
+                                             aggregate, curve_milestones)
 from nnunet_semi.benchmark.commands import BenchmarkError, say
 from nnunet_semi.benchmark.settings import CHECKPOINT
 from nnunet_semi.benchmark.trainers import BASELINE, split_arm
@@ -99,6 +100,7 @@ def results_markdown(agg: dict, title: str, settings: Optional[dict] = None, dig
                              format_p(d["p_value"]), f"{d['wins']}/{d['ties']}/{d['losses']}",
                              format_difference(h, 1, digits), format_p(h["p_value"]), format_difference(a, 1, digits)])
         out += [markdown_rows(header, rows), ""]
+        out += per_seed_markdown(agg, digits)
     runs = agg.get("runs") or {}
     if runs:
         out += ["## Runs", "",
@@ -122,6 +124,30 @@ def results_markdown(agg: dict, title: str, settings: Optional[dict] = None, dig
     if agg.get("missing_runs"):
         out += [f"Missing (not finished, not in the tables): {', '.join(agg['missing_runs'])}", ""]
     return "\n".join(out)
+
+
+def per_seed_markdown(agg: dict, digits: int = 2) -> List[str]:
+    """The per-seed comparison (:func:`~nnunet_semi.benchmark.aggregate.per_seed_comparison`): each seed's mean
+    Dice of both arms, their paired difference over that seed's cases, and the target verdict per method."""
+    comp = agg.get("per_seed_paired") or {}
+    if not comp:
+        return []
+    base = agg["baseline"]
+    out = [f"## Per seed against {base}", "",
+           f"Mean Dice (%) of each seed's run, and the method's paired difference from {base}'s run of the same seed "
+           f"over that seed's cases (W/L: cases better / worse; p: Wilcoxon). Target: the mean of the per-seed "
+           f"differences over {TARGET_SEEDS} seeds at least +{TARGET_MEAN_GAIN:g} points, and no seed below "
+           f"{TARGET_WORST_SEED:+g}.", ""]
+    rows = []
+    for m, c in comp.items():
+        for seed, d in c["per_seed"].items():
+            b, x = agg["seed_level"][base]["per_seed"][seed]["Dice"], agg["seed_level"][m]["per_seed"][seed]["Dice"]
+            rows.append([m, str(seed), f"{100 * b:.{digits}f}", f"{100 * x:.{digits}f}",
+                         f"{100 * d['mean_diff']:+.{digits}f}", f"{d['wins']}/{d['losses']}", format_p(d["p_value"])])
+        if c["per_seed"]:
+            rows.append([m, "mean", "", "", f"{c['mean_gain_points']:+.{digits}f}",
+                         f"worst seed {c['worst_seed_points']:+.{digits}f}", f"target: {c['target']}"])
+    return out + [markdown_rows(["Method", "seed", base, "method", "ΔDice", "W/L", "p"], rows), ""]
 
 
 def write_report(bench, reevaluate: bool = False) -> dict:

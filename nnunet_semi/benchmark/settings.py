@@ -128,19 +128,32 @@ def default_device() -> str:
         return "cpu"
 
 
+def archived_commit(repo: str) -> Optional[str]:
+    """The commit a ``git archive`` copy of the code was made from: ``nnunet_semi/COMMIT`` holds ``$Format:%H$``,
+    which git substitutes on archiving (``.gitattributes``: export-subst). None in a checkout or without the file."""
+    try:
+        with open(os.path.join(repo, "nnunet_semi", "COMMIT")) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return text if text and not text.startswith("$Format") else None
+
+
 def git_commit(repo: Optional[str] = None) -> str:
+    """HEAD of the code's checkout (``-dirty`` with uncommitted changes to tracked files), the commit of a ``git
+    archive`` copy (:func:`archived_commit`), or ``'unknown'``."""
     repo = repo or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              text=True, timeout=10)
         commit = out.stdout.strip()
         if out.returncode != 0 or not commit:
-            return "unknown"
+            return archived_commit(repo) or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=10)
         return commit + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return archived_commit(repo) or "unknown"
 
 
 def machine_info(device: str) -> dict:
