@@ -143,7 +143,8 @@ def rebuild_report(record: str) -> dict:
            f"rebuilt by `benchmarks/record.py` from the evaluations in this folder.\n")
     with open(os.path.join(record, "results.md"), "w") as f:
         f.write(md)
-    save_json(agg, os.path.join(record, "results.json"))
+    # the per-case values are the evaluations' own (seed_<s>/eval); not written twice
+    save_json({k: v for k, v in agg.items() if k != "values"}, os.path.join(record, "results.json"))
     return agg
 
 
@@ -184,6 +185,7 @@ def record_folder(folder: str, records_root: str, name: Optional[str] = None, re
                           f"written.")
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     stage = tempfile.mkdtemp(prefix=f".{name}.", dir=os.path.dirname(dest))
+    os.chmod(stage, 0o755)    # mkdtemp's 0700 would be the record's mode
     try:
         merged = dict(old_evals)
         for key, path in new_evals.items():
