@@ -560,4 +560,9 @@ def test_dry_run_executor_records_the_commands_a_real_run_runs(tmp_path, capsys)
     runs = json.load(open(os.path.join(out, "runs.json")))
     assert runs["SupervisedBaselineTrainer/seed_0"]["resumed"] is True
     assert runs["SupervisedBaselineTrainer/seed_0"]["train_s"] == 2.0    # accumulated over the two trainings
+    from nnunet_semi.benchmark.settings import ENVIRONMENT_KEYS
+    envs = runs["SupervisedBaselineTrainer/seed_0"]["environments"]      # resumed in the same environment: one
+    import torch
+    assert len(envs) == 1 and set(ENVIRONMENT_KEYS) <= set(envs[0]) and envs[0]["torch"] == torch.__version__
+    assert "| same environment |" in open(os.path.join(out, "results.md")).read()
     assert sorted(agg["methods"]) == sorted(TRAINERS)

@@ -179,3 +179,14 @@ def test_commit_of_a_frozen_copy(tmp_path):
         out = subprocess.run("git archive HEAD nnunet_semi/COMMIT | tar -xO", shell=True, cwd=REPO,
                              capture_output=True, text=True)
         assert out.returncode == 0 and out.stdout.strip() == head.stdout.strip()
+
+
+def test_pairs_trained_in_different_environments_are_named():
+    from nnunet_semi.benchmark.report import environment_difference
+    a = {"environments": [{"commit": "abc", "torch": "2.14.1", "cpu_model": "X"}]}
+    assert environment_difference(a, a) == "same environment"
+    b = {"environments": [{"commit": "abc", "torch": "2.15.0", "cpu_model": "Y"}]}
+    assert environment_difference(a, b) == "differs: torch 2.14.1 / 2.15.0; cpu_model X / Y"
+    resumed = {"environments": a["environments"] + b["environments"]}
+    assert environment_difference(a, resumed) == "differs: resumed in another environment"
+    assert environment_difference({}, a) == "not recorded"

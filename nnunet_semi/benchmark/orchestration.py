@@ -4,6 +4,7 @@ hands every step with an effect to its executor (:mod:`nnunet_semi.benchmark.exe
 dry run's). It also owns the list of what it writes into the folder (:func:`benchmark_outputs`)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -18,7 +19,8 @@ from nnunet_semi.benchmark.executor import Executor, link_files, remove_folders
 from nnunet_semi.benchmark.plans_variant import add_cpu_configuration, resolve_configuration, write_configuration
 from nnunet_semi.benchmark.report import PLOT_FILE, write_report
 from nnunet_semi.benchmark.settings import (CHECKPOINT, EVAL_GROUPS, KEY_SETTINGS, BenchmarkSettings, dataset_id_of,
-                                            find_dataset, git_commit, machine_info)
+                                            find_dataset, git_commit, machine_info,
+                                            run_environment)
 from nnunet_semi.benchmark.trainers import (check_trainers, default_trainers, is_semi_supervised, registered_trainers,
                                           split_arm)
 from nnunet_semi.reporting import fmt_seconds
@@ -82,6 +84,12 @@ class Benchmark:
         #: the domain of the evaluated cases (``--eval-domain``, ``target`` resolved), or None
         self.domain: Optional[str] = None
         self.file_ending = ".nii.gz"
+
+    @functools.cached_property
+    def environment(self) -> dict:
+        """What this process trains with beyond the settings (commit, torch, CPU, ...), recorded per run in
+        ``runs.json`` so that the report can tell the pairs of one seed trained in different environments."""
+        return run_environment(self.s.device)
 
     # ---- environment and paths -------------------------------------------------------------
     def env(self, seed: Optional[int] = None, trainer_env: bool = False) -> Dict[str, str]:
@@ -524,7 +532,9 @@ class Benchmark:
             self._record(trainer, seed, add={"train_s": seconds}, resumed=True)
         else:
             self._record(trainer, seed, train_s=round(seconds, 1), resumed=False)
-        self._record(trainer, seed, trained_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+        rec = self.run_records().get(f"{trainer}/seed_{seed}", {})
+        envs = [e for e in rec.get("environments", []) if e != self.environment] + [self.environment]
+        self._record(trainer, seed, trained_at=time.strftime("%Y-%m-%d %H:%M:%S"), environments=envs)
         say(f"{tag}: trained in {fmt_seconds(seconds)}")
 
     def _predicted(self, tag: str, trainer: str, seed: int, seconds: float) -> None:

@@ -201,7 +201,8 @@ def record_folder(folder: str, records_root: str, name: Optional[str] = None, re
         for src in (os.path.join(dest, RUNS_FILE), os.path.join(folder, RUNS_FILE)):
             if os.path.isfile(src):
                 runs.update(_read_json(src, "re-run the benchmark's command there"))
-        runs = {k: v for k, v in runs.items() if tuple(k.rsplit("/seed_", 1))[0] in {a for a, _ in merged}}
+        recorded = {_run_key(*k) for k in merged}
+        runs = {k: v for k, v in runs.items() if k in recorded}   # not a run without an evaluation
         with open(os.path.join(stage, RUNS_FILE), "w") as f:
             json.dump(runs, f, indent=2)
         arms = list(dict.fromkeys(a for a, _ in merged))

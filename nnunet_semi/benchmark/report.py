@@ -138,16 +138,35 @@ def per_seed_markdown(agg: dict, digits: int = 2) -> List[str]:
            f"over that seed's cases (W/L: cases better / worse; p: Wilcoxon). Target: the mean of the per-seed "
            f"differences over {TARGET_SEEDS} seeds at least +{TARGET_MEAN_GAIN:g} points, and no seed below "
            f"{TARGET_WORST_SEED:+g}.", ""]
+    runs = agg.get("runs") or {}
     rows = []
     for m, c in comp.items():
         for seed, d in c["per_seed"].items():
             b, x = agg["seed_level"][base]["per_seed"][seed]["Dice"], agg["seed_level"][m]["per_seed"][seed]["Dice"]
+            env = environment_difference(runs.get(f"{split_arm(base)[0]}/seed_{seed}", {}),
+                                         runs.get(f"{split_arm(m)[0]}/seed_{seed}", {}))
             rows.append([m, str(seed), f"{100 * b:.{digits}f}", f"{100 * x:.{digits}f}",
-                         f"{100 * d['mean_diff']:+.{digits}f}", f"{d['wins']}/{d['losses']}", format_p(d["p_value"])])
+                         f"{100 * d['mean_diff']:+.{digits}f}", f"{d['wins']}/{d['losses']}", format_p(d["p_value"]),
+                         env])
         if c["per_seed"]:
             rows.append([m, "mean", "", "", f"{c['mean_gain_points']:+.{digits}f}",
-                         f"worst seed {c['worst_seed_points']:+.{digits}f}", f"target: {c['target']}"])
-    return out + [markdown_rows(["Method", "seed", base, "method", "ΔDice", "W/L", "p"], rows), ""]
+                         f"worst seed {c['worst_seed_points']:+.{digits}f}", f"target: {c['target']}", ""])
+    return out + [markdown_rows(["Method", "seed", base, "method", "ΔDice", "W/L", "p", "trained in"], rows), ""]
+
+
+def environment_difference(a: Mapping, b: Mapping) -> str:
+    """How the training environments of two runs (``runs.json`` records, ``environments``) compare: ``'same
+    environment'``, what differs (``'differs: torch 2.14.1 / 2.15.0'``; a run resumed elsewhere has several), or
+    ``'not recorded'`` for runs of harness versions that did not record it."""
+    ea, eb = a.get("environments"), b.get("environments")
+    if not ea or not eb:
+        return "not recorded"
+    if ea == eb and len(ea) == 1:
+        return "same environment"
+    if len(ea) > 1 or len(eb) > 1:
+        return "differs: resumed in another environment"
+    keys = [k for k in dict.fromkeys(list(ea[0]) + list(eb[0])) if ea[0].get(k) != eb[0].get(k)]
+    return "differs: " + "; ".join(f"{k} {ea[0].get(k)} / {eb[0].get(k)}" for k in keys)
 
 
 def write_report(bench, reevaluate: bool = False) -> dict:

@@ -156,8 +156,34 @@ def git_commit(repo: Optional[str] = None) -> str:
         return archived_commit(repo) or "unknown"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+#: what a run's numbers may depend on beyond its seed and settings: the same seed and code gave supervised runs 0.2-0.6
+#: Dice points apart on two machines (benchmarks/RESULTS.md)
+ENVIRONMENT_KEYS = ("commit", "torch", "nnunetv2", "cpu_model", "platform")
+
+
+def run_environment(device: str) -> dict:
+    """The :data:`ENVIRONMENT_KEYS` of this process: the code's commit, torch, nnU-Net, CPU and platform."""
+    m = machine_info(device)
+    env = {"commit": git_commit(), **{k: m.get(k) for k in ENVIRONMENT_KEYS if k != "commit"}}
+    if m.get("gpu"):
+        env["gpu"] = m["gpu"]
+    return env
+
+
 def machine_info(device: str) -> dict:
-    info = {"cpu_count": multiprocessing.cpu_count(), "platform": platform.platform(),
+    info = {"cpu_count": multiprocessing.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
             "python": platform.python_version(), "device": device}
     try:
         import torch
