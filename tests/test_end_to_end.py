@@ -281,6 +281,18 @@ def test_reciprocal_learning_teacher_from_a_supervised_checkpoint(prepared, mt3d
     state = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert state["nnunet_semi"]["teacher_pretrained"] is True
     assert "feedback_h" in state["logging"]          # no warm-up phase: the reciprocal step from the start
+    # ReciprocalLearningTrainer_fromSupervised finds that supervised run itself (same dataset, plans, configuration,
+    # fold) ...
+    fs = "ReciprocalLearningTrainer_fromSupervised"
+    folder = train(prepared, fs, "2d", epochs=1, iters=2, nnUNet_semi_teacher_checkpoint="")
+    assert f"teacher from {ckpt}" in open(os.path.join(prepared.root, f"train_{fs}_2d.log")).read()
+    state = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    assert state["nnunet_semi"]["teacher_checkpoint"] == ckpt and "feedback_h" in state["logging"]
+    # ... and refuses a fold that has none, naming where it looked
+    e = dict(prepared.env, nnUNet_semi_epochs="1", nnUNet_semi_iters="2", nnUNet_semi_teacher_checkpoint="")
+    p = run(["nnUNetv2_train", str(DATASET_ID), "2d", "1", "-tr", fs, "-device", "cpu"], e, check=False)
+    assert p.returncode != 0
+    assert os.path.join(os.path.dirname(sup), "fold_1", "checkpoint_final.pth") in p.stdout
     # a checkpoint of another configuration (3d_fullres) is refused, naming it and the fix
     wrong = os.path.join(mt3d, "checkpoint_final.pth")
     e = dict(prepared.env, nnUNet_semi_epochs="1", nnUNet_semi_iters="2", nnUNet_semi_teacher_checkpoint=wrong)

@@ -4,6 +4,7 @@ student's loss into the teacher, auxiliary state round trips, refused teacher ch
 gloo DDP run whose networks stay bit-identical across ranks."""
 import copy
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from nnunet_semi.losses import pseudo_label
 from nnunet_semi.methods import reciprocal_learning as rl
 from nnunet_semi.training import budget
 from nnunet_semi.methods.reciprocal_learning import (ReciprocalLearningTrainer, ReciprocalLearningTrainer_released,
-                                                     load_teacher_checkpoint)
+                                                     TEACHER_CHECKPOINT_VAR, load_teacher_checkpoint,
+                                                     supervised_run_checkpoint)
 
 
 def tiny_net(seed: int, ds: bool = True):
@@ -205,6 +207,46 @@ def test_wrong_teacher_checkpoints_are_refused(tmp_path):
         load_teacher_checkpoint(teacher, str(tmp_path / "missing.pth"), "nnUNetPlans", "2d", "D", torch.device("cpu"))
 
 
+def test_the_supervised_run_of_the_same_dataset_plans_configuration_and_fold_is_found(tmp_path):
+    """teacher_init='supervised_run': SupervisedBaselineTrainer's final checkpoint beside this run's output folder,
+    else nnUNetTrainer's; none (or only another fold's, configuration's or plans') is refused with the paths looked
+    at and the commands that fix it."""
+    ds = tmp_path / "nnUNet_results" / "Dataset104_Hippocampus"
+    out = str(ds / "ReciprocalLearningTrainer_fromSupervised__nnUNetPlans__2d" / "fold_all")
+
+    def ckpt(trainer, fold="all", config="2d", plans="nnUNetPlans"):
+        path = ds / f"{trainer}__{plans}__{config}" / f"fold_{fold}" / "checkpoint_final.pth"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        return str(path)
+    for other in (dict(fold="0"), dict(config="3d_fullres"), dict(plans="nnUNetResEncUNetMPlans")):
+        ckpt("nnUNetTrainer", **other)
+    ckpt("nnUNetTrainer", fold="all")
+    (ds / "SupervisedBaselineTrainer__nnUNetPlans__2d" / "fold_all").mkdir(parents=True)   # started, not finished
+    expected = str(ds / "nnUNetTrainer__nnUNetPlans__2d" / "fold_all" / "checkpoint_final.pth")
+    assert supervised_run_checkpoint(out, "nnUNetPlans", "2d", "T") == expected
+    sup = ckpt("SupervisedBaselineTrainer")
+    assert supervised_run_checkpoint(out, "nnUNetPlans", "2d", "T") == sup          # the benchmark's reference first
+    with pytest.raises(RuntimeError) as e:
+        supervised_run_checkpoint(str(ds / "T__nnUNetPlans__2d" / "fold_3"), "nnUNetPlans", "2d", "T")
+    msg = str(e.value)
+    assert str(ds / "SupervisedBaselineTrainer__nnUNetPlans__2d" / "fold_3" / "checkpoint_final.pth") in msg
+    assert str(ds / "nnUNetTrainer__nnUNetPlans__2d" / "fold_3" / "checkpoint_final.pth") in msg
+    assert "nnUNetv2_train Dataset104_Hippocampus 2d 3 -p nnUNetPlans" in msg and TEACHER_CHECKPOINT_VAR in msg
+    # the variant looks for it, nnUNet_semi_teacher_checkpoint overrides it, the default warms up instead
+    from nnunet_semi.methods.reciprocal_learning import ReciprocalLearningTrainer_fromSupervised as FS
+    t = FS.__new__(FS)
+    t.output_folder, t.configuration_name = out, "2d"
+    t.plans_manager = type("P", (), {"plans_name": "nnUNetPlans"})()
+    with mock.patch.dict(os.environ, {TEACHER_CHECKPOINT_VAR: ""}):
+        assert t.find_teacher_checkpoint() == sup
+    with mock.patch.dict(os.environ, {TEACHER_CHECKPOINT_VAR: "/x/checkpoint_final.pth"}):
+        assert t.find_teacher_checkpoint() == "/x/checkpoint_final.pth"
+    t.teacher_init = "warmup"
+    with mock.patch.dict(os.environ, {TEACHER_CHECKPOINT_VAR: ""}):
+        assert t.find_teacher_checkpoint() is None
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -236,3 +278,21 @@ def test_two_rank_ddp_keeps_teacher_and_student_identical(tmp_path):
         assert torch.equal(r0[name], r1[name]), name
     # and they trained: not the initial weights
     assert not torch.equal(r0["teacher"], torch.cat([p.flatten() for p in tiny_net(1).parameters()]))
+
+
+def test_benchmark_trains_the_supervised_run_before_an_arm_that_starts_from_it():
+    from nnunet_semi.benchmark.commands import BenchmarkError
+    from nnunet_semi.benchmark.trainers import BASELINE, check_trainers, needs_supervised_run
+    from nnunet_semi.methods.reciprocal_learning import ReciprocalLearningTrainer_fromSupervised as FS
+    from nnunet_semi.methods.supervised import SupervisedBaselineTrainer
+    registered = {BASELINE: SupervisedBaselineTrainer, "ReciprocalLearningTrainer": ReciprocalLearningTrainer,
+                  "ReciprocalLearningTrainer_fromSupervised": FS}
+    assert needs_supervised_run(FS) and not needs_supervised_run(ReciprocalLearningTrainer)
+    assert not needs_supervised_run(SupervisedBaselineTrainer)
+    check_trainers([BASELINE, "ReciprocalLearningTrainer_fromSupervised"], registered)
+    check_trainers(["ReciprocalLearningTrainer_fromSupervised"], registered)     # supervised trained earlier, elsewhere
+    check_trainers(["ReciprocalLearningTrainer", BASELINE], registered)
+    for arms in (["ReciprocalLearningTrainer_fromSupervised", BASELINE],
+                 ["ReciprocalLearningTrainer_fromSupervised@teacher", BASELINE]):
+        with pytest.raises(BenchmarkError, match=f"list {BASELINE} first"):
+            check_trainers(arms, registered)

@@ -190,3 +190,44 @@ def test_pairs_trained_in_different_environments_are_named():
     resumed = {"environments": a["environments"] + b["environments"]}
     assert environment_difference(a, resumed) == "differs: resumed in another environment"
     assert environment_difference({}, a) == "not recorded"
+
+
+def test_an_arm_of_its_own_folder_is_recorded_beside_the_others_under_a_new_name(tmp_path):
+    """--rename: an arm trained in a folder of its own (e.g. Reciprocal Learning with its teacher from the same seed's
+    supervised checkpoint) is recorded under a new name beside supervised, paired against it, with its provenance;
+    its export arm (ARM@teacher) follows it; bad renames are refused before anything is written."""
+    RL = "ReciprocalLearningTrainer"
+    into = str(tmp_path / "records")
+    record_folder(bench_folder(tmp_path / "a", "curve", {(SUP, 0): [0.80, 0.80, 0.80], (RL, 0): [0.79, 0.80, 0.80]}),
+                  into)
+    rec = os.path.join(into, "curve")
+    before = files_under(rec)
+    other = bench_folder(tmp_path / "b", "rlckpt", {(RL, 0): [0.82, 0.83, 0.80], (RL + "@teacher", 0): [0.81] * 3})
+    with pytest.raises(RecordError, match="no evaluated arm Nope"):
+        record_folder(other, into, name="curve", rename={"Nope": "X"})
+    with pytest.raises(RecordError, match="arm name"):
+        record_folder(other, into, name="curve", rename={RL: "a/b"})
+    with pytest.raises(RecordError, match="renamed arms only"):
+        record_folder(other, into, name="curve", note="teacher from a checkpoint")
+    assert files_under(rec) == before
+    cli = os.path.join(REPO, "benchmarks", "record.py")
+    p = subprocess.run([sys.executable, cli, other, "--into", into, "--name", "curve", "--rename", f"{RL}={RL}-supTeacher",
+                        "--note", "teacher from the supervised checkpoint"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"added:     {RL}-supTeacher/seed_0, {RL}-supTeacher@teacher/seed_0" in p.stdout
+    assert files_under(rec) != before and os.path.isfile(os.path.join(rec, "seed_0", "eval", f"{RL}.json"))  # kept
+    res = json.load(open(os.path.join(rec, "results.json")))
+    assert res["per_seed_paired"][f"{RL}-supTeacher"]["per_seed"]["0"]["mean_diff"] == pytest.approx(0.05 / 3)
+    assert res["runs"][f"{RL}-supTeacher/seed_0"]["trainer"] == f"{RL}-supTeacher"
+    assert res["runs"][f"{RL}-supTeacher/seed_0"]["arm_in_folder"] == RL
+    settings = json.load(open(os.path.join(rec, "settings.json")))
+    assert settings["renamed_arms"][f"{RL}-supTeacher@teacher"] == {
+        "arm": RL + "@teacher", "folder": "rlckpt", "note": "teacher from the supervised checkpoint"}
+    md = open(os.path.join(rec, "results.md")).read()
+    assert f"- `{RL}-supTeacher`: arm `{RL}` of the folder `rlckpt`; teacher from the supervised checkpoint" in md
+    # a later session's seed of the same folder keeps the provenance of the first
+    later = bench_folder(tmp_path / "c", "rlckpt", {(RL, 1): [0.8] * 3, (SUP, 1): [0.79] * 3})
+    record_folder(later, into, name="curve", rename={RL: f"{RL}-supTeacher"}, note="teacher from the supervised checkpoint")
+    settings = json.load(open(os.path.join(rec, "settings.json")))
+    assert set(settings["renamed_arms"]) == {f"{RL}-supTeacher", f"{RL}-supTeacher@teacher"}
+    assert settings["seeds"] == [0, 1]

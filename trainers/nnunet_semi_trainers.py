@@ -11,6 +11,7 @@ from nnunet_semi.methods.mean_teacher import (MeanTeacherTrainer, MeanTeacherTra
 from nnunet_semi.methods.supervised import SupervisedBaselineTrainer  # noqa: F401
 from nnunet_semi.methods.reciprocal_learning import (ReciprocalLearningTrainer,  # noqa: F401
                                                      ReciprocalLearningTrainer_exportTeacher,
+                                                     ReciprocalLearningTrainer_fromSupervised,
                                                      ReciprocalLearningTrainer_released)
 from nnunet_semi.methods.aggregating_decoupling import (AggregatingDecouplingTrainer,  # noqa: F401
                                                         AggregatingDecouplingTrainer_normDifficulty,

@@ -15,6 +15,12 @@ Nothing recorded is lost on bad input: a folder of other key settings (budget, c
 cases, ...) is refused with both files named, and an (arm, seed) whose evaluation differs from the recorded one
 is refused unless ``replace`` is given; the record is written into a temporary folder next to it and swapped in
 only when complete.
+
+An arm trained in its own folder under a setting the harness does not name (e.g. Reciprocal Learning with
+``nnUNet_semi_teacher_checkpoint`` set to the same seed's supervised checkpoint) is recorded beside the other arms
+under a new name (``rename={'ReciprocalLearningTrainer': 'ReciprocalLearningTrainer-supTeacher'}``) with a ``note``
+saying what differs; the record's settings and report keep, per renamed arm, its folder, its arm there and the
+note, so the paired comparison against supervised of the same seed is made on the record.
 """
 from __future__ import annotations
 
@@ -85,6 +91,17 @@ def _run_key(arm: str, seed: int) -> str:
     return f"{arm}/seed_{seed}"
 
 
+def _rename_run(key: str, rename: Dict[str, str]) -> str:
+    arm, sep, seed = key.rpartition("/")
+    return f"{rename.get(arm, arm)}{sep}{seed}" if sep else key
+
+
+def _renamed_entry(run: dict, rename: Dict[str, str]) -> dict:
+    if isinstance(run, dict) and run.get("trainer") in rename:
+        return {**run, "trainer": rename[run["trainer"]], "arm_in_folder": run["trainer"]}
+    return run
+
+
 def _same_evaluation(a: dict, b: dict) -> bool:
     return a.get("metric_per_case") == b.get("metric_per_case") and \
         a.get("settings", {}).get("empty_policy") == b.get("settings", {}).get("empty_policy")
@@ -99,8 +116,29 @@ def _check_settings(new: dict, new_file: str, old: dict, old_file: str) -> None:
                           f"(--name), or into another records folder; nothing was written.")
 
 
+_ARM_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*(@[A-Za-z0-9_]+)?$")
+
+
+def _check_rename(rename: Dict[str, str], found: Dict[Tuple[str, int], str], folder: str) -> None:
+    arms = sorted({a for a, _ in found})
+    missing = [a for a in rename if a not in arms]
+    if missing:
+        raise RecordError(f"{folder} has no evaluated arm {', '.join(missing)} to rename (it has {', '.join(arms)}); "
+                          f"nothing was written.")
+    bad = [n for n in rename.values() if not _ARM_NAME.match(n)]
+    if bad:
+        raise RecordError(f"arm name(s) {', '.join(map(repr, bad))}: use letters, digits and _ . + - (and one "
+                          f"@export suffix); nothing was written.")
+    targets = [rename.get(a, a) for a in arms]
+    if len(set(targets)) != len(targets):
+        raise RecordError(f"renaming {rename} gives two arms of {folder} the same name; nothing was written.")
+
+
 def _merged_settings(new: dict, old: Optional[dict], arms: List[str], seeds: List[int]) -> dict:
     d = dict(new)
+    d["renamed_arms"] = {**(old or {}).get("renamed_arms", {}), **new.get("renamed_arms", {})}
+    if not d["renamed_arms"]:
+        del d["renamed_arms"]
     order = list((old or {}).get("trainers", [])) + list(new.get("trainers", []))
     d["trainers"] = [t for t in dict.fromkeys(order) if t in arms] + sorted(set(arms) - set(order))
     d["seeds"] = seeds
@@ -141,6 +179,11 @@ def rebuild_report(record: str) -> dict:
     commits = settings.get("git_commits") or []
     md += (f"\nRecorded from benchmark folders run at commit(s) {', '.join(commits) if commits else 'unknown'}; "
            f"rebuilt by `benchmarks/record.py` from the evaluations in this folder.\n")
+    renamed = settings.get("renamed_arms") or {}
+    if renamed:
+        md += "\nArms recorded under another name than in their benchmark folder:\n\n" + "".join(
+            f"- `{new}`: arm `{r.get('arm')}` of the folder `{r.get('folder')}`"
+            + (f"; {r['note']}" if r.get("note") else "") + "\n" for new, r in sorted(renamed.items()))
     with open(os.path.join(record, "results.md"), "w") as f:
         f.write(md)
     # the per-case values are the evaluations' own (seed_<s>/eval); not written twice
@@ -149,10 +192,12 @@ def rebuild_report(record: str) -> dict:
 
 
 def record_folder(folder: str, records_root: str, name: Optional[str] = None, replace: bool = False,
-                  commit: Optional[str] = None) -> RecordChanges:
+                  commit: Optional[str] = None, rename: Optional[Dict[str, str]] = None,
+                  note: Optional[str] = None) -> RecordChanges:
     """Record the benchmark folder ``folder`` into ``<records_root>/<name>`` (default: the folder's name), merged
     with what is recorded there already. ``commit`` names the code the folder's runs were trained with when its
-    settings.json says 'unknown' (a frozen copy of the code outside git)."""
+    settings.json says 'unknown' (a frozen copy of the code outside git). ``rename`` maps arms of the folder to
+    the names they get in the record (``note``: what the renamed arms did differently, kept with them)."""
     folder = os.path.abspath(folder)
     settings_file = os.path.join(folder, SETTINGS_FILE)
     if not os.path.isfile(settings_file):
@@ -165,6 +210,15 @@ def record_folder(folder: str, records_root: str, name: Optional[str] = None, re
     if not new_evals:
         raise RecordError(f"{folder} has no evaluated run (seed_<s>/eval/<arm>.json); run the benchmark (or its "
                           f"--report-only) there first")
+    rename = dict(rename or {})
+    if rename:
+        _check_rename(rename, new_evals, folder)
+        new_evals = {(rename.get(a, a), s): p for (a, s), p in new_evals.items()}
+        settings["trainers"] = [rename.get(t, t) for t in settings.get("trainers", [])]
+        settings["renamed_arms"] = {new: {"arm": old, "folder": os.path.basename(folder.rstrip(os.sep)),
+                                          **({"note": note} if note else {})} for old, new in rename.items()}
+    elif note:
+        raise RecordError("a note is kept with renamed arms only: give --rename OLD=NEW as well")
     name = name or os.path.basename(folder.rstrip(os.sep))
     dest = os.path.join(os.path.abspath(records_root), name)
     changes = RecordChanges(record=dest)
@@ -200,7 +254,10 @@ def record_folder(folder: str, records_root: str, name: Optional[str] = None, re
         runs = {}
         for src in (os.path.join(dest, RUNS_FILE), os.path.join(folder, RUNS_FILE)):
             if os.path.isfile(src):
-                runs.update(_read_json(src, "re-run the benchmark's command there"))
+                these = _read_json(src, "re-run the benchmark's command there")
+                if src.startswith(folder + os.sep) and rename:
+                    these = {_rename_run(k, rename): _renamed_entry(v, rename) for k, v in these.items()}
+                runs.update(these)
         recorded = {_run_key(*k) for k in merged}
         runs = {k: v for k, v in runs.items() if k in recorded}   # not a run without an evaluation
         with open(os.path.join(stage, RUNS_FILE), "w") as f:

@@ -67,3 +67,16 @@ def check_trainers(names: Sequence[str], registered: Mapping[str, type]) -> None
             f"another trainer would not get the same budget; use {BASELINE} for nnU-Net's supervised reference.")
     if len(set(names)) != len(names):
         raise BenchmarkError(f"trainer list has duplicates: {list(names)}")
+    if BASELINE in names:   # an arm that starts from the supervised run of its seed needs it trained before itself
+        early = [n for n in names[:list(names).index(BASELINE)] if needs_supervised_run(registered[split_arm(n)[0]])]
+        if early:
+            raise BenchmarkError(
+                f"arm(s) {early} start from the {BASELINE} run of the same seed, which comes after them in the "
+                f"trainer list; list {BASELINE} first (each seed trains its arms in the order given)")
+
+
+def needs_supervised_run(cls: type) -> bool:
+    """Whether ``cls`` starts from the supervised run of the same dataset / plans / configuration / fold
+    (e.g. ``ReciprocalLearningTrainer_fromSupervised``)."""
+    check = getattr(cls, "needs_supervised_run", None)
+    return bool(check()) if callable(check) else False

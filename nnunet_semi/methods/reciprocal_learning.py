@@ -23,8 +23,11 @@ benchmarks/RESULTS.md for what was measured.
 Teacher initialisation: the released code starts from a supervised model of the same labeled cases.
 Here either ``nnUNet_semi_teacher_checkpoint=<checkpoint_final.pth>`` of a SupervisedBaselineTrainer (or any
 nnU-Net trainer) run of the same dataset, plans and configuration (a checkpoint of other plans,
-configuration or architecture is refused with a message naming it), or, without it, a supervised warm-up
-inside the same run: while the base trainer's warm-up gate is closed (``warmup_iters`` = 400, at most
+configuration or architecture is refused with a message naming it); or ``teacher_init = 'supervised_run'``
+(``ReciprocalLearningTrainer_fromSupervised``): the ``checkpoint_final.pth`` of the supervised run of the same
+dataset, plans, configuration and fold that nnUNet_results already holds (SupervisedBaselineTrainer's, else
+nnUNetTrainer's: the run a user of nnU-Net has), refused with the paths looked at when there is none; or, by
+default (``teacher_init = 'warmup'``), a supervised warm-up inside the same run: while the base trainer's warm-up gate is closed (``warmup_iters`` = 400, at most
 ``warmup_max_fraction`` = 20% of a shorter run; ``nnUNet_semi_warmup_iters`` sets it per run, as for every method)
 only the teacher trains, on the labeled batch; the student starts when the gate opens. The gate cannot wait for
 nnU-Net's pseudo Dice here (that Dice is the student's, which does not train before the gate opens), so
@@ -102,18 +105,26 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
     teacher_grad_clip: Optional[float] = 12.0
     #: 'student' (released) or 'teacher'
     export_network: str = "student"
+    #: where the teacher starts without nnUNet_semi_teacher_checkpoint: 'warmup' (trained alone for warmup_iters in
+    #: this run) or 'supervised_run' (the supervised run of this dataset / plans / configuration / fold in
+    #: nnUNet_results, :func:`supervised_run_checkpoint`)
+    teacher_init: str = "warmup"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        #: True when the teacher was loaded from nnUNet_semi_teacher_checkpoint (no in-run warm-up then)
+        #: True when the teacher was loaded from a supervised checkpoint (no in-run warm-up then) ...
         self.teacher_pretrained = False
+        #: ... this one (nnUNet_semi_teacher_checkpoint, or the supervised run found in nnUNet_results)
+        self.teacher_checkpoint: Optional[str] = None
 
     def initialize(self):
         if self.loss_recipe not in ("nnunet", "ce"):
             raise ValueError(f"{type(self).__name__}.loss_recipe must be 'nnunet' or 'ce'")
         if self.optimizer_recipe not in ("nnunet", "released"):
             raise ValueError(f"{type(self).__name__}.optimizer_recipe must be 'nnunet' or 'released'")
+        if self.teacher_init not in ("warmup", "supervised_run"):
+            raise ValueError(f"{type(self).__name__}.teacher_init must be 'warmup' or 'supervised_run'")
         if self.warmup_pseudo_dice is not None:
             raise ValueError(
                 f"{type(self).__name__}: the teacher-only warm-up cannot wait for a pseudo Dice of "
@@ -123,7 +134,7 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
         super().initialize()
         self.print_to_log_file(
             f"Reciprocal Learning: loss {self.loss_recipe}, optimizers {self.optimizer_recipe}, teacher "
-            + ("from " + os.environ[TEACHER_CHECKPOINT_VAR] if self.teacher_pretrained else
+            + (f"from {self.teacher_checkpoint}" if self.teacher_pretrained else
                f"trained alone for the first {self.warmup_length()} iterations"))
 
     # ---- optimisers -----------------------------------------------------------------------------
@@ -140,14 +151,28 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
 
     def build_auxiliary_modules(self) -> Dict[str, AuxiliaryModule]:
         teacher = self.build_plain_network()
-        path = os.environ.get(TEACHER_CHECKPOINT_VAR, "").strip()
+        path = self.find_teacher_checkpoint()
         if path:
             load_teacher_checkpoint(teacher, path, self.plans_manager.plans_name, self.configuration_name,
                                     self.plans_manager.dataset_name, self.device)
-            self.teacher_pretrained = True
+            self.teacher_pretrained, self.teacher_checkpoint = True, path
         opt, sched = self.make_optimizer(teacher)
         return {"teacher": AuxiliaryModule(teacher, trainable=True, optimizer=opt, lr_scheduler=sched,
                                            grad_clip=self.teacher_grad_clip)}
+
+    @classmethod
+    def needs_supervised_run(cls) -> bool:
+        """Whether a run needs the supervised run beside it in nnUNet_results (the benchmark trains that first)."""
+        return cls.teacher_init == "supervised_run"
+
+    def find_teacher_checkpoint(self) -> Optional[str]:
+        """nnUNet_semi_teacher_checkpoint if set; else, with ``teacher_init = 'supervised_run'``, the supervised run's
+        checkpoint in nnUNet_results (refused with the paths looked at when there is none); else None (warm-up)."""
+        path = os.environ.get(TEACHER_CHECKPOINT_VAR, "").strip()
+        if path or self.teacher_init == "warmup":
+            return path or None
+        return supervised_run_checkpoint(self.output_folder, self.plans_manager.plans_name, self.configuration_name,
+                                         type(self).__name__)
 
     def warmup_length(self) -> int:
         """Iterations of the teacher's supervised warm-up: 0 from a teacher checkpoint, else the base gate's
@@ -237,11 +262,37 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
 
     # ---- checkpoint -----------------------------------------------------------------------------
     def semi_state_dict(self) -> dict:
-        return {**super().semi_state_dict(), "teacher_pretrained": self.teacher_pretrained}
+        return {**super().semi_state_dict(), "teacher_pretrained": self.teacher_pretrained,
+                "teacher_checkpoint": self.teacher_checkpoint}
 
     def load_semi_state_dict(self, state: dict) -> None:
         super().load_semi_state_dict(state)
         self.teacher_pretrained = bool(state.get("teacher_pretrained", self.teacher_pretrained))
+        self.teacher_checkpoint = state.get("teacher_checkpoint", self.teacher_checkpoint)
+
+
+#: the supervised runs a teacher may start from, in the order looked for: the benchmark's reference, nnU-Net's own
+SUPERVISED_RUN_TRAINERS = ("SupervisedBaselineTrainer", "nnUNetTrainer")
+
+
+def supervised_run_checkpoint(output_folder: str, plans_name: str, configuration: str, trainer_name: str) -> str:
+    """The ``checkpoint_final.pth`` of the supervised run beside this run's ``output_folder``
+    (``<nnUNet_results>/<dataset>/<trainer>__<plans>__<configuration>/fold_<f>``): the same dataset, plans,
+    configuration and fold, trained by one of :data:`SUPERVISED_RUN_TRAINERS` (the first found)."""
+    output_folder = os.path.abspath(output_folder)
+    dataset_dir, fold_dir = os.path.dirname(os.path.dirname(output_folder)), os.path.basename(output_folder)
+    looked = [os.path.join(dataset_dir, f"{t}__{plans_name}__{configuration}", fold_dir, "checkpoint_final.pth")
+              for t in SUPERVISED_RUN_TRAINERS]
+    for path in looked:
+        if os.path.isfile(path):
+            return path
+    dataset, fold = os.path.basename(dataset_dir), fold_dir[len("fold_"):]
+    raise RuntimeError(
+        f"{trainer_name} starts its teacher from the supervised nnU-Net run of {dataset} (plans {plans_name}, "
+        f"configuration {configuration}, fold {fold}), and there is none with a final checkpoint: looked for "
+        f"{' and '.join(looked)}. Train it first (nnUNetv2_train {dataset} {configuration} {fold} -p {plans_name}), "
+        f"or give {TEACHER_CHECKPOINT_VAR}=<its checkpoint_final.pth>, or use ReciprocalLearningTrainer (the "
+        f"teacher is warmed up inside the run).")
 
 
 def load_teacher_checkpoint(teacher: nn.Module, path: str, plans_name: str, configuration: str, dataset_name: str,
@@ -274,6 +325,13 @@ class ReciprocalLearningTrainer_released(ReciprocalLearningTrainer):
     loss_recipe = "ce"
     optimizer_recipe = "released"
     teacher_grad_clip = None
+
+
+class ReciprocalLearningTrainer_fromSupervised(ReciprocalLearningTrainer):
+    """The teacher starts from the supervised nnU-Net run of the same dataset, plans, configuration and fold in
+    nnUNet_results (as released: a supervised model of the same labeled cases), so the reciprocal phase runs from
+    the first iteration; benchmarks/RESULTS.md gives what it measured against the in-run warm-up."""
+    teacher_init = "supervised_run"
 
 
 class ReciprocalLearningTrainer_exportTeacher(ReciprocalLearningTrainer):
