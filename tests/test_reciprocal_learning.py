@@ -232,7 +232,7 @@ def test_the_supervised_run_of_the_same_dataset_plans_configuration_and_fold_is_
     msg = str(e.value)
     assert str(ds / "SupervisedBaselineTrainer__nnUNetPlans__2d" / "fold_3" / "checkpoint_final.pth") in msg
     assert str(ds / "nnUNetTrainer__nnUNetPlans__2d" / "fold_3" / "checkpoint_final.pth") in msg
-    assert "nnUNetv2_train Dataset104_Hippocampus 2d 3 -p nnUNetPlans" in msg and TEACHER_CHECKPOINT_VAR in msg
+    assert "nnUNetv2_train Dataset104_Hippocampus 2d 3 -p nnUNetPlans" in msg
     # the variant looks for it, nnUNet_semi_teacher_checkpoint overrides it, the default warms up instead
     from nnunet_semi.methods.reciprocal_learning import ReciprocalLearningTrainer_fromSupervised as FS
     t = FS.__new__(FS)
@@ -242,6 +242,10 @@ def test_the_supervised_run_of_the_same_dataset_plans_configuration_and_fold_is_
         assert t.find_teacher_checkpoint() == sup
     with mock.patch.dict(os.environ, {TEACHER_CHECKPOINT_VAR: "/x/checkpoint_final.pth"}):
         assert t.find_teacher_checkpoint() == "/x/checkpoint_final.pth"
+    t.output_folder = str(ds / "T__nnUNetPlans__2d" / "fold_3")      # no supervised run of fold 3: the fixes
+    with mock.patch.dict(os.environ, {TEACHER_CHECKPOINT_VAR: ""}), pytest.raises(RuntimeError) as e:
+        t.find_teacher_checkpoint()
+    assert f"give {TEACHER_CHECKPOINT_VAR}=" in str(e.value) and "or use ReciprocalLearningTrainer" in str(e.value)
     t.teacher_init = "warmup"
     with mock.patch.dict(os.environ, {TEACHER_CHECKPOINT_VAR: ""}):
         assert t.find_teacher_checkpoint() is None

@@ -103,6 +103,13 @@ class MeanTeacherTrainer_weight2(MeanTeacherTrainer):
     unsup_weight = 2.0
 
 
+class MeanTeacherTrainer_fromSupervised(MeanTeacherTrainer):
+    """The default recipe with the student (and so its EMA teacher) started from the supervised nnU-Net run of the
+    same dataset, plans, configuration and fold in nnUNet_results, as Reciprocal Learning's teacher is in
+    ``ReciprocalLearningTrainer_fromSupervised``; benchmarks/RESULTS.md gives what it measured."""
+    network_init = "supervised_run"
+
+
 class MeanTeacherTrainer_ema999(MeanTeacherTrainer):
     """The default recipe with the original Mean Teacher's decay schedule: 0.99 until the unsupervised weight has
     ramped up, then 0.999 (the teacher averages about 1000 steps instead of 100). Tried on the validation group at

@@ -51,11 +51,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
-from nnunet_semi.ema import unwrap
 from nnunet_semi.losses import deep_supervision_targets, pseudo_label
 from nnunet_semi.networks.feature_perturbation import full_resolution, split_batch
 from nnunet_semi.training.auxiliary import AuxiliaryModule
 from nnunet_semi.training.base import SemiSupervisedTrainer
+from nnunet_semi.training.supervised_init import load_supervised_checkpoint, supervised_run_checkpoint
 
 TEACHER_CHECKPOINT_VAR = "nnUNet_semi_teacher_checkpoint"
 
@@ -162,8 +162,7 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
 
     @classmethod
     def needs_supervised_run(cls) -> bool:
-        """Whether a run needs the supervised run beside it in nnUNet_results (the benchmark trains that first)."""
-        return cls.teacher_init == "supervised_run"
+        return super().needs_supervised_run() or cls.teacher_init == "supervised_run"
 
     def find_teacher_checkpoint(self) -> Optional[str]:
         """nnUNet_semi_teacher_checkpoint if set; else, with ``teacher_init = 'supervised_run'``, the supervised run's
@@ -171,8 +170,10 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
         path = os.environ.get(TEACHER_CHECKPOINT_VAR, "").strip()
         if path or self.teacher_init == "warmup":
             return path or None
-        return supervised_run_checkpoint(self.output_folder, self.plans_manager.plans_name, self.configuration_name,
-                                         type(self).__name__)
+        return supervised_run_checkpoint(
+            self.output_folder, self.plans_manager.plans_name, self.configuration_name, type(self).__name__,
+            f"or give {TEACHER_CHECKPOINT_VAR}=<its checkpoint_final.pth>, or use ReciprocalLearningTrainer (the teacher "
+            f"is warmed up inside the run)")
 
     def warmup_length(self) -> int:
         """Iterations of the teacher's supervised warm-up: 0 from a teacher checkpoint, else the base gate's
@@ -271,52 +272,13 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
         self.teacher_checkpoint = state.get("teacher_checkpoint", self.teacher_checkpoint)
 
 
-#: the supervised runs a teacher may start from, in the order looked for: the benchmark's reference, nnU-Net's own
-SUPERVISED_RUN_TRAINERS = ("SupervisedBaselineTrainer", "nnUNetTrainer")
-
-
-def supervised_run_checkpoint(output_folder: str, plans_name: str, configuration: str, trainer_name: str) -> str:
-    """The ``checkpoint_final.pth`` of the supervised run beside this run's ``output_folder``
-    (``<nnUNet_results>/<dataset>/<trainer>__<plans>__<configuration>/fold_<f>``): the same dataset, plans,
-    configuration and fold, trained by one of :data:`SUPERVISED_RUN_TRAINERS` (the first found)."""
-    output_folder = os.path.abspath(output_folder)
-    dataset_dir, fold_dir = os.path.dirname(os.path.dirname(output_folder)), os.path.basename(output_folder)
-    looked = [os.path.join(dataset_dir, f"{t}__{plans_name}__{configuration}", fold_dir, "checkpoint_final.pth")
-              for t in SUPERVISED_RUN_TRAINERS]
-    for path in looked:
-        if os.path.isfile(path):
-            return path
-    dataset, fold = os.path.basename(dataset_dir), fold_dir[len("fold_"):]
-    raise RuntimeError(
-        f"{trainer_name} starts its teacher from the supervised nnU-Net run of {dataset} (plans {plans_name}, "
-        f"configuration {configuration}, fold {fold}), and there is none with a final checkpoint: looked for "
-        f"{' and '.join(looked)}. Train it first (nnUNetv2_train {dataset} {configuration} {fold} -p {plans_name}), "
-        f"or give {TEACHER_CHECKPOINT_VAR}=<its checkpoint_final.pth>, or use ReciprocalLearningTrainer (the "
-        f"teacher is warmed up inside the run).")
-
-
 def load_teacher_checkpoint(teacher: nn.Module, path: str, plans_name: str, configuration: str, dataset_name: str,
                             device: torch.device) -> None:
-    """Load an nnU-Net ``checkpoint_final.pth`` into ``teacher``, refusing one of other plans, configuration,
-    dataset or architecture with a message that names the file and the fix."""
+    """Load an nnU-Net ``checkpoint_final.pth`` into ``teacher`` (:func:`load_supervised_checkpoint`), the fix
+    naming the command that trains the right one and the in-run warm-up."""
     fix = (f"train the teacher with: nnUNetv2_train {dataset_name} {configuration} all -tr SupervisedBaselineTrainer "
            f"-p {plans_name}, or unset {TEACHER_CHECKPOINT_VAR} to warm the teacher up inside this run")
-    if not os.path.isfile(path):
-        raise RuntimeError(f"{TEACHER_CHECKPOINT_VAR}={path}: no such file; {fix}")
-    ck = torch.load(path, map_location=device, weights_only=False)
-    if not isinstance(ck, dict) or "network_weights" not in ck:
-        raise RuntimeError(f"{path} is not an nnU-Net checkpoint (no 'network_weights'); {fix}")
-    init = ck.get("init_args") or {}
-    plans = init.get("plans") or {}
-    found = (plans.get("plans_name"), init.get("configuration"), plans.get("dataset_name"))
-    if found != (plans_name, configuration, dataset_name):
-        raise RuntimeError(f"{path} was trained with plans {found[0]}, configuration {found[1]} on {found[2]}; this "
-                           f"run uses plans {plans_name}, configuration {configuration} on {dataset_name}. {fix}")
-    try:
-        unwrap(teacher).load_state_dict(ck["network_weights"])
-    except RuntimeError as e:
-        raise RuntimeError(f"{path}: its network does not match this run's architecture ({str(e)[:300]}). {fix}") \
-            from None
+    load_supervised_checkpoint(teacher, path, plans_name, configuration, dataset_name, device, fix)
 
 
 class ReciprocalLearningTrainer_released(ReciprocalLearningTrainer):

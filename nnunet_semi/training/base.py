@@ -38,6 +38,7 @@ a three-line subclass. Training length can be set with the ``nnUNet_semi_*`` env
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple, Union
@@ -64,6 +65,7 @@ from nnunet_semi.training.budget import apply_schedule_overrides
 from nnunet_semi.training.checkpoint import atomic_torch_save, rng_state, set_rng_state
 from nnunet_semi.training.plugin import PluginTrainerMixin
 from nnunet_semi.training.progress import SemiLocalLogger
+from nnunet_semi.training.supervised_init import load_supervised_checkpoint, supervised_run_checkpoint
 
 CHECKPOINT_KEY = "nnunet_semi"
 NNUNET_LOGGED = {"loss"}
@@ -137,6 +139,10 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
     warmup_max_fraction: Optional[float] = None
     #: gradient-norm clipping threshold (nnU-Net's 12)
     grad_clip: float = 12.0
+    #: where the student (``self.network``) starts: 'random' (nnU-Net's initialisation) or 'supervised_run' (the
+    #: final weights of the supervised run of the same dataset, plans, configuration and fold in nnUNet_results,
+    #: :func:`~nnunet_semi.training.supervised_init.supervised_run_checkpoint`); an EMA teacher copies it
+    network_init: str = "random"
     # ---- EMA teacher ------------------------------------------------------------------------
     use_ema_teacher: bool = False
     ema_decay: float = 0.99
@@ -186,6 +192,7 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         global_u = self.unlabeled_batch_size or self.configuration_manager.batch_size
         self.batch_size_unlabeled = split_over_ranks(int(global_u), world, rank)
         self.case_metadata = find_case_metadata(self.preprocessed_dataset_folder_base) or CaseMetadata()
+        self.init_network()
         self.aux = dict(self.build_auxiliary_modules())
         self.setup_auxiliary_modules()
         if self.export_network != "student" and self.export_network not in self.aux:
@@ -194,6 +201,34 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         self.print_to_log_file(f"nnunet_semi: labeled batch {self.batch_size}, unlabeled batch "
                                f"{self.batch_size_unlabeled} x {self.unlabeled_batches_per_step} per step and rank; "
                                f"hyper-parameters {self.semi_hparams()}")
+
+    @classmethod
+    def needs_supervised_run(cls) -> bool:
+        """Whether a run starts from the supervised run beside it in nnUNet_results (the benchmark trains that
+        run first)."""
+        return cls.network_init == "supervised_run"
+
+    def init_network(self) -> None:
+        """``network_init = 'supervised_run'``: the student starts from the supervised run's final weights (before
+        the auxiliary modules are built, so an EMA teacher starts there too; ``--c`` then restores the run's own)."""
+        if self.network_init not in ("random", "supervised_run"):
+            raise ValueError(f"{type(self).__name__}.network_init must be 'random' or 'supervised_run'")
+        #: the checkpoint the student started from (None: nnU-Net's random initialisation)
+        self.network_init_checkpoint: Optional[str] = None
+        if self.network_init == "random":
+            return
+        name = type(self).__name__
+        plans, cfg, dataset = (self.plans_manager.plans_name, self.configuration_name,
+                               self.plans_manager.dataset_name)
+        plain = next((c.__name__ for c in type(self).__mro__[1:] if getattr(c, "network_init", None) == "random"),
+                     None)
+        path = supervised_run_checkpoint(self.output_folder, plans, cfg, name,
+                                         f"or use {plain} (nnU-Net's random initialisation)" if plain else "")
+        load_supervised_checkpoint(self.network, path, plans, cfg, dataset, self.device,
+                                   f"train the supervised run with nnUNetv2_train {dataset} {cfg} "
+                                   f"{os.path.basename(self.output_folder)[len('fold_'):]} -p {plans}")
+        self.network_init_checkpoint = path
+        self.print_to_log_file(f"nnunet_semi: the network starts from the supervised run {path}")
 
     # ------------------------------------------------------------------------------------------
     # auxiliary modules
@@ -605,7 +640,8 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         """Extra checkpoint state (tensors, dicts and primitives only). Methods extend it."""
         state = {"format": 2, "export_network": self.export_network, "rng": rng_state(),
                  "hparams": self.semi_hparams(), "unsup_gate_step": self.unsup_gate_step,
-                 "aux": {name: module_state(a) for name, a in self.aux.items()}}
+                 "aux": {name: module_state(a) for name, a in self.aux.items()},
+                 "network_init_checkpoint": getattr(self, "network_init_checkpoint", None)}
         if self.export_module() is not unwrap(self.network):
             state["student_weights"] = unwrap(self.network).state_dict()
         return state
@@ -624,6 +660,7 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
             else:
                 self.print_to_log_file(f"nnunet_semi: the checkpoint holds no state of '{name}'; it keeps its "
                                        f"initial weights")
+        self.network_init_checkpoint = state.get("network_init_checkpoint", getattr(self, "network_init_checkpoint", None))
         if state.get("rng") is not None:
             set_rng_state(state["rng"])
         # a checkpoint without the key predates the warm-up gate: its schedule started at step 0

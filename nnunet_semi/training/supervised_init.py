@@ -1,0 +1,62 @@
+"""Starting a network of a semi-supervised run from a supervised nnU-Net run of the same labels.
+
+The released Reciprocal Learning code starts its teacher from a supervised model, and a user of this plugin has one
+already: the ``nnUNetv2_train`` run of the same dataset, plans, configuration and fold in ``nnUNet_results``.
+:func:`supervised_run_checkpoint` finds its ``checkpoint_final.pth`` beside the semi-supervised run's output folder;
+:func:`load_supervised_checkpoint` loads it into a network of the same architecture, refusing a checkpoint of other
+plans, configuration, dataset or architecture with a message that names the file and the fix.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from nnunet_semi.ema import unwrap
+
+#: the supervised runs looked for, in this order: the benchmark's reference, then nnU-Net's own trainer
+SUPERVISED_RUN_TRAINERS = ("SupervisedBaselineTrainer", "nnUNetTrainer")
+
+
+def supervised_run_checkpoint(output_folder: str, plans_name: str, configuration: str, trainer_name: str,
+                              alternative: str = "") -> str:
+    """The ``checkpoint_final.pth`` of the supervised run beside this run's ``output_folder``
+    (``<nnUNet_results>/<dataset>/<trainer>__<plans>__<configuration>/fold_<f>``): the same dataset, plans,
+    configuration and fold, trained by one of :data:`SUPERVISED_RUN_TRAINERS` (the first found). None found: a
+    RuntimeError with the paths looked at, the command that trains it, and ``alternative`` (what else to do)."""
+    output_folder = os.path.abspath(output_folder)
+    dataset_dir, fold_dir = os.path.dirname(os.path.dirname(output_folder)), os.path.basename(output_folder)
+    looked = [os.path.join(dataset_dir, f"{t}__{plans_name}__{configuration}", fold_dir, "checkpoint_final.pth")
+              for t in SUPERVISED_RUN_TRAINERS]
+    for path in looked:
+        if os.path.isfile(path):
+            return path
+    dataset, fold = os.path.basename(dataset_dir), fold_dir[len("fold_"):]
+    raise RuntimeError(
+        f"{trainer_name} starts from the supervised nnU-Net run of {dataset} (plans {plans_name}, configuration "
+        f"{configuration}, fold {fold}), and there is none with a final checkpoint: looked for {' and '.join(looked)}. "
+        f"Train it first (nnUNetv2_train {dataset} {configuration} {fold} -p {plans_name})"
+        + (f", {alternative}" if alternative else "") + ".")
+
+
+def load_supervised_checkpoint(network: nn.Module, path: str, plans_name: str, configuration: str,
+                               dataset_name: str, device: torch.device, fix: str) -> None:
+    """Load an nnU-Net ``checkpoint_final.pth`` into ``network``; one of other plans, configuration, dataset or
+    architecture is refused with a message that names the file and ends with ``fix``."""
+    if not os.path.isfile(path):
+        raise RuntimeError(f"{path}: no such file; {fix}")
+    ck = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(ck, dict) or "network_weights" not in ck:
+        raise RuntimeError(f"{path} is not an nnU-Net checkpoint (no 'network_weights'); {fix}")
+    init = ck.get("init_args") or {}
+    plans = init.get("plans") or {}
+    found = (plans.get("plans_name"), init.get("configuration"), plans.get("dataset_name"))
+    if found != (plans_name, configuration, dataset_name):
+        raise RuntimeError(f"{path} was trained with plans {found[0]}, configuration {found[1]} on {found[2]}; this "
+                           f"run uses plans {plans_name}, configuration {configuration} on {dataset_name}. {fix}")
+    try:
+        unwrap(network).load_state_dict(ck["network_weights"])
+    except RuntimeError as e:
+        raise RuntimeError(f"{path}: its network does not match this run's architecture ({str(e)[:300]}). {fix}") \
+            from None
