@@ -6,7 +6,7 @@ with what is recorded already, and ``results.md`` / ``results.json`` rebuilt ove
                                                                             # says 'unknown' (a frozen copy)
     python benchmarks/record.py --rebuild benchmarks/records/curve_104_2d_80x50_val
     python benchmarks/record.py runs/rlckpt_104_2d_80x50_val --name curve_104_2d_80x50_val \
-        --rename ReciprocalLearningTrainer=ReciprocalLearningTrainer-supTeacher \
+        --rename ReciprocalLearningTrainer=ReciprocalLearningTrainer_fromSupervised \
         --note "teacher from the same seed's supervised checkpoint"     # an arm of its own folder, recorded beside
                                                                         # the others under a new name
 
@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(HERE))
-    from nnunet_semi.benchmark.records import RecordError, evaluations, rebuild_report, record_folder
+    from nnunet_semi.benchmark.records import RecordError, rebuild_report, record_folder
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="*", help="benchmark folders (run_benchmark.py -o)")
     p.add_argument("--into", default=os.path.join(HERE, "records"),
@@ -61,14 +61,8 @@ def main(argv=None) -> int:
             seeds = ", ".join(f"{m} seeds {agg['seeds'][m]}" for m in agg["methods"])
             print(f"rebuilt {record}: {seeds}")
         for folder in a.folders:
-            found = {arm for arm, _ in evaluations(folder)}
-            full = dict(rename)
-            for arm in found:    # an export arm (ARM@teacher) follows its renamed arm
-                base, sep, export = arm.partition("@")
-                if sep and base in rename and arm not in rename:
-                    full[arm] = f"{rename[base]}@{export}"
             changes = record_folder(folder, a.into, name=a.name, replace=a.replace, commit=a.commit,
-                                    rename=full or None, note=a.note)
+                                    rename=rename or None, note=a.note)
             print("\n".join(changes.lines()))
     except RecordError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -16,8 +16,8 @@ from nnunet_semi.losses import pseudo_label
 from nnunet_semi.methods import reciprocal_learning as rl
 from nnunet_semi.training import budget
 from nnunet_semi.methods.reciprocal_learning import (ReciprocalLearningTrainer, ReciprocalLearningTrainer_released,
-                                                     TEACHER_CHECKPOINT_VAR, load_teacher_checkpoint,
-                                                     supervised_run_checkpoint)
+                                                     TEACHER_CHECKPOINT_VAR, load_teacher_checkpoint)
+from nnunet_semi.training.supervised_init import supervised_run_checkpoint
 
 
 def tiny_net(seed: int, ds: bool = True):

@@ -18,9 +18,10 @@ only when complete.
 
 An arm trained in its own folder under a setting the harness does not name (e.g. Reciprocal Learning with
 ``nnUNet_semi_teacher_checkpoint`` set to the same seed's supervised checkpoint) is recorded beside the other arms
-under a new name (``rename={'ReciprocalLearningTrainer': 'ReciprocalLearningTrainer-supTeacher'}``) with a ``note``
-saying what differs; the record's settings and report keep, per renamed arm, its folder, its arm there and the
-note, so the paired comparison against supervised of the same seed is made on the record.
+under a new name (``rename={'ReciprocalLearningTrainer': 'ReciprocalLearningTrainer_fromSupervised'}``; its
+``@teacher`` arm follows it) with a ``note`` saying what differs; the record's settings and report keep, per renamed
+arm, its folder, its arm there and the note, so the paired comparison against supervised of the same seed is made
+on the record.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from nnunet_semi.benchmark.settings import KEY_SETTINGS
-from nnunet_semi.benchmark.trainers import BASELINE
+from nnunet_semi.benchmark.trainers import ARM_SEP, BASELINE
 
 #: the settings a record and a folder recorded into it must share (the harness's resume keys, plus the cases)
 RECORD_KEYS = KEY_SETTINGS + ("evaluated_cases",)
@@ -197,7 +198,8 @@ def record_folder(folder: str, records_root: str, name: Optional[str] = None, re
     """Record the benchmark folder ``folder`` into ``<records_root>/<name>`` (default: the folder's name), merged
     with what is recorded there already. ``commit`` names the code the folder's runs were trained with when its
     settings.json says 'unknown' (a frozen copy of the code outside git). ``rename`` maps arms of the folder to
-    the names they get in the record (``note``: what the renamed arms did differently, kept with them)."""
+    the names they get in the record, their ``ARM@export`` arms following them (``note``: what the renamed arms did
+    differently, kept with them)."""
     folder = os.path.abspath(folder)
     settings_file = os.path.join(folder, SETTINGS_FILE)
     if not os.path.isfile(settings_file):
@@ -211,6 +213,10 @@ def record_folder(folder: str, records_root: str, name: Optional[str] = None, re
         raise RecordError(f"{folder} has no evaluated run (seed_<s>/eval/<arm>.json); run the benchmark (or its "
                           f"--report-only) there first")
     rename = dict(rename or {})
+    for arm, _ in new_evals:    # an export arm (ARM@teacher) follows its renamed arm unless named itself
+        base, sep, export = arm.partition(ARM_SEP)
+        if sep and base in rename and arm not in rename:
+            rename[arm] = f"{rename[base]}{ARM_SEP}{export}"
     if rename:
         _check_rename(rename, new_evals, folder)
         new_evals = {(rename.get(a, a), s): p for (a, s), p in new_evals.items()}

@@ -27,7 +27,8 @@ configuration or architecture is refused with a message naming it); or ``teacher
 (``ReciprocalLearningTrainer_fromSupervised``): the ``checkpoint_final.pth`` of the supervised run of the same
 dataset, plans, configuration and fold that nnUNet_results already holds (SupervisedBaselineTrainer's, else
 nnUNetTrainer's: the run a user of nnU-Net has), refused with the paths looked at when there is none; or, by
-default (``teacher_init = 'warmup'``), a supervised warm-up inside the same run: while the base trainer's warm-up gate is closed (``warmup_iters`` = 400, at most
+default (``teacher_init = 'warmup'``), a supervised warm-up inside the same run: while the base trainer's warm-up
+gate is closed (``warmup_iters`` = 400, at most
 ``warmup_max_fraction`` = 20% of a shorter run; ``nnUNet_semi_warmup_iters`` sets it per run, as for every method)
 only the teacher trains, on the labeled batch; the student starts when the gate opens. The gate cannot wait for
 nnU-Net's pseudo Dice here (that Dice is the student's, which does not train before the gate opens), so
@@ -55,7 +56,7 @@ from nnunet_semi.losses import deep_supervision_targets, pseudo_label
 from nnunet_semi.networks.feature_perturbation import full_resolution, split_batch
 from nnunet_semi.training.auxiliary import AuxiliaryModule
 from nnunet_semi.training.base import SemiSupervisedTrainer
-from nnunet_semi.training.supervised_init import load_supervised_checkpoint, supervised_run_checkpoint
+from nnunet_semi.training.supervised_init import load_supervised_checkpoint
 
 TEACHER_CHECKPOINT_VAR = "nnUNet_semi_teacher_checkpoint"
 
@@ -107,7 +108,7 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
     export_network: str = "student"
     #: where the teacher starts without nnUNet_semi_teacher_checkpoint: 'warmup' (trained alone for warmup_iters in
     #: this run) or 'supervised_run' (the supervised run of this dataset / plans / configuration / fold in
-    #: nnUNet_results, :func:`supervised_run_checkpoint`)
+    #: nnUNet_results, the base's ``supervised_run_path``)
     teacher_init: str = "warmup"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -153,8 +154,9 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
         teacher = self.build_plain_network()
         path = self.find_teacher_checkpoint()
         if path:
-            load_teacher_checkpoint(teacher, path, self.plans_manager.plans_name, self.configuration_name,
-                                    self.plans_manager.dataset_name, self.device)
+            self.load_supervised_run(teacher, path, teacher_checkpoint_fix(
+                self.plans_manager.dataset_name, self.configuration_name, self.plans_manager.plans_name),
+                TEACHER_CHECKPOINT_VAR if os.environ.get(TEACHER_CHECKPOINT_VAR, "").strip() else "")
             self.teacher_pretrained, self.teacher_checkpoint = True, path
         opt, sched = self.make_optimizer(teacher)
         return {"teacher": AuxiliaryModule(teacher, trainable=True, optimizer=opt, lr_scheduler=sched,
@@ -170,10 +172,9 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
         path = os.environ.get(TEACHER_CHECKPOINT_VAR, "").strip()
         if path or self.teacher_init == "warmup":
             return path or None
-        return supervised_run_checkpoint(
-            self.output_folder, self.plans_manager.plans_name, self.configuration_name, type(self).__name__,
-            f"or give {TEACHER_CHECKPOINT_VAR}=<its checkpoint_final.pth>, or use ReciprocalLearningTrainer (the teacher "
-            f"is warmed up inside the run)")
+        return self.supervised_run_path(
+            f"or give {TEACHER_CHECKPOINT_VAR}=<its checkpoint_final.pth>, or use ReciprocalLearningTrainer (the "
+            f"teacher is warmed up inside the run)")
 
     def warmup_length(self) -> int:
         """Iterations of the teacher's supervised warm-up: 0 from a teacher checkpoint, else the base gate's
@@ -276,9 +277,13 @@ def load_teacher_checkpoint(teacher: nn.Module, path: str, plans_name: str, conf
                             device: torch.device) -> None:
     """Load an nnU-Net ``checkpoint_final.pth`` into ``teacher`` (:func:`load_supervised_checkpoint`), the fix
     naming the command that trains the right one and the in-run warm-up."""
-    fix = (f"train the teacher with: nnUNetv2_train {dataset_name} {configuration} all -tr SupervisedBaselineTrainer "
-           f"-p {plans_name}, or unset {TEACHER_CHECKPOINT_VAR} to warm the teacher up inside this run")
-    load_supervised_checkpoint(teacher, path, plans_name, configuration, dataset_name, device, fix)
+    load_supervised_checkpoint(teacher, path, plans_name, configuration, dataset_name, device,
+                               teacher_checkpoint_fix(dataset_name, configuration, plans_name), TEACHER_CHECKPOINT_VAR)
+
+
+def teacher_checkpoint_fix(dataset_name: str, configuration: str, plans_name: str) -> str:
+    return (f"train the teacher with: nnUNetv2_train {dataset_name} {configuration} all -tr SupervisedBaselineTrainer "
+            f"-p {plans_name}, or unset {TEACHER_CHECKPOINT_VAR} to warm the teacher up inside this run")
 
 
 class ReciprocalLearningTrainer_released(ReciprocalLearningTrainer):

@@ -172,6 +172,8 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         self._unlabeled_wait = 0.0
         #: global step at which the warm-up gate opened (None: still closed)
         self.unsup_gate_step: Optional[int] = None
+        #: the checkpoint the student started from (None: nnU-Net's random initialisation; ``network_init``)
+        self.network_init_checkpoint: Optional[str] = None
         apply_schedule_overrides(self)
         if self.warmup_iters < 0:
             raise ValueError(f"{type(self).__name__}.warmup_iters must be >= 0")
@@ -213,22 +215,31 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         the auxiliary modules are built, so an EMA teacher starts there too; ``--c`` then restores the run's own)."""
         if self.network_init not in ("random", "supervised_run"):
             raise ValueError(f"{type(self).__name__}.network_init must be 'random' or 'supervised_run'")
-        #: the checkpoint the student started from (None: nnU-Net's random initialisation)
-        self.network_init_checkpoint: Optional[str] = None
         if self.network_init == "random":
             return
-        name = type(self).__name__
-        plans, cfg, dataset = (self.plans_manager.plans_name, self.configuration_name,
-                               self.plans_manager.dataset_name)
         plain = next((c.__name__ for c in type(self).__mro__[1:] if getattr(c, "network_init", None) == "random"),
                      None)
-        path = supervised_run_checkpoint(self.output_folder, plans, cfg, name,
-                                         f"or use {plain} (nnU-Net's random initialisation)" if plain else "")
-        load_supervised_checkpoint(self.network, path, plans, cfg, dataset, self.device,
-                                   f"train the supervised run with nnUNetv2_train {dataset} {cfg} "
-                                   f"{os.path.basename(self.output_folder)[len('fold_'):]} -p {plans}")
+        path = self.supervised_run_path(f"or use {plain} (nnU-Net's random initialisation)" if plain else "")
+        self.load_supervised_run(self.network, path)
         self.network_init_checkpoint = path
         self.print_to_log_file(f"nnunet_semi: the network starts from the supervised run {path}")
+
+    def supervised_run_path(self, alternative: str = "") -> str:
+        """``checkpoint_final.pth`` of the supervised run of this run's dataset, plans, configuration and fold in
+        nnUNet_results (for any network a method starts there); refused with the paths looked at, the command
+        that trains it and ``alternative``."""
+        return supervised_run_checkpoint(self.output_folder, self.plans_manager.plans_name, self.configuration_name,
+                                         type(self).__name__, alternative)
+
+    def load_supervised_run(self, module: nn.Module, path: str, fix: Optional[str] = None,
+                            given_by: str = "") -> None:
+        """Load a supervised ``checkpoint_final.pth`` of these plans / configuration / dataset into ``module``
+        (:func:`~nnunet_semi.training.supervised_init.load_supervised_checkpoint`)."""
+        plans, cfg, dataset = self.plans_manager.plans_name, self.configuration_name, self.plans_manager.dataset_name
+        fold = os.path.basename(self.output_folder)[len("fold_"):]
+        load_supervised_checkpoint(module, path, plans, cfg, dataset, self.device,
+                                   fix or f"train the supervised run with nnUNetv2_train {dataset} {cfg} {fold} "
+                                          f"-p {plans}", given_by)
 
     # ------------------------------------------------------------------------------------------
     # auxiliary modules
@@ -641,7 +652,7 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         state = {"format": 2, "export_network": self.export_network, "rng": rng_state(),
                  "hparams": self.semi_hparams(), "unsup_gate_step": self.unsup_gate_step,
                  "aux": {name: module_state(a) for name, a in self.aux.items()},
-                 "network_init_checkpoint": getattr(self, "network_init_checkpoint", None)}
+                 "network_init_checkpoint": self.network_init_checkpoint}
         if self.export_module() is not unwrap(self.network):
             state["student_weights"] = unwrap(self.network).state_dict()
         return state
@@ -660,7 +671,7 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
             else:
                 self.print_to_log_file(f"nnunet_semi: the checkpoint holds no state of '{name}'; it keeps its "
                                        f"initial weights")
-        self.network_init_checkpoint = state.get("network_init_checkpoint", getattr(self, "network_init_checkpoint", None))
+        self.network_init_checkpoint = state.get("network_init_checkpoint", self.network_init_checkpoint)
         if state.get("rng") is not None:
             set_rng_state(state["rng"])
         # a checkpoint without the key predates the warm-up gate: its schedule started at step 0

@@ -41,11 +41,12 @@ def supervised_run_checkpoint(output_folder: str, plans_name: str, configuration
 
 
 def load_supervised_checkpoint(network: nn.Module, path: str, plans_name: str, configuration: str,
-                               dataset_name: str, device: torch.device, fix: str) -> None:
+                               dataset_name: str, device: torch.device, fix: str, given_by: str = "") -> None:
     """Load an nnU-Net ``checkpoint_final.pth`` into ``network``; one of other plans, configuration, dataset or
-    architecture is refused with a message that names the file and ends with ``fix``."""
+    architecture is refused with a message that names the file (and ``given_by``, the variable that named it) and
+    ends with ``fix``."""
     if not os.path.isfile(path):
-        raise RuntimeError(f"{path}: no such file; {fix}")
+        raise RuntimeError(f"{given_by + '=' if given_by else ''}{path}: no such file; {fix}")
     ck = torch.load(path, map_location=device, weights_only=False)
     if not isinstance(ck, dict) or "network_weights" not in ck:
         raise RuntimeError(f"{path} is not an nnU-Net checkpoint (no 'network_weights'); {fix}")
