@@ -84,11 +84,33 @@ def build(trainer_name: str, dataset: str, configuration: str, device):
     cls = recursive_find_trainer_class_by_name(trainer_name)
     t = cls(plans=plans, configuration=configuration, fold=0, dataset_json=load_json(os.path.join(pre, "dataset.json")),
             device=device)
+    if getattr(cls, "needs_supervised_run", lambda: False)():
+        stand_in_for_supervised_run(t)
     t.initialize()
     t.dataloader_train, t.dataloader_val = t.get_dataloaders()
     t.set_deep_supervision_enabled(t.enable_deep_supervision)
     t.on_train_epoch_start()
     return t
+
+
+def stand_in_for_supervised_run(t) -> None:
+    """A trainer that starts from the supervised run beside it (Reciprocal Learning's teacher) and finds none in
+    nnUNet_results is pointed at a temporary results folder whose supervised run is a freshly initialised network
+    of the plans: a step costs the same whatever those weights are, and the user's nnUNet_results is not written."""
+    import tempfile
+
+    from nnunet_semi.training.supervised_init import stand_in_supervised_run, supervised_run_checkpoint
+    try:
+        supervised_run_checkpoint(t.output_folder, t.plans_manager.plans_name, t.configuration_name, type(t).__name__)
+        return
+    except RuntimeError:
+        pass
+    folder = os.path.abspath(t.output_folder)
+    tmp = tempfile.mkdtemp(prefix="step_time_results_")
+    t.output_folder = os.path.join(tmp, *folder.split(os.sep)[-3:])
+    path = stand_in_supervised_run(t)
+    print(f"{type(t).__name__}: no supervised run in nnUNet_results; a freshly initialised network stands in "
+          f"({path})", flush=True)
 
 
 class _Cycle:

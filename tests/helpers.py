@@ -159,7 +159,7 @@ def _new_root() -> str:
 
 def make_trainer(cls, *, ndim: int = 2, resenc: bool = False, num_classes: int = NUM_CLASSES,
                  deep_supervision: bool = True, epochs: int = 10, iters: int = 10, seed: int = 0,
-                 root: Optional[str] = None, **class_attrs):
+                 root: Optional[str] = None, supervised_run: bool = True, **class_attrs):
     """A real trainer of ``cls`` (any plugin trainer class) on the CPU, built as nnUNetv2_train builds it: its
     ``__init__`` with tiny in-memory plans (:func:`tiny_plans`, configuration '2d' or '3d_fullres' for ``ndim``),
     a minimal dataset.json with ``num_classes`` labels and fold 0, then ``initialize()`` (nnU-Net's network from
@@ -178,6 +178,12 @@ def make_trainer(cls, *, ndim: int = 2, resenc: bool = False, num_classes: int =
       is built, with every ``nnUNet_semi_*`` variable of the caller's environment unset (budget, schedule,
       seed, teacher checkpoint) and the CPU allocator tuning off; the environment is restored afterwards.
 
+    - A class that starts from the supervised run beside it (``needs_supervised_run``, e.g. Reciprocal Learning's
+      teacher) finds a stand-in there with ``supervised_run`` (default): a freshly initialised network of the plans
+      (seed ``seed + 1000``, so it differs from the student), written by
+      :func:`nnunet_semi.training.supervised_init.stand_in_supervised_run`. ``supervised_run=False``: none, as on
+      a machine that has not trained it.
+
     Build it before ``torch.distributed`` is initialised: nnU-Net's ``__init__`` moves a trainer of an
     initialised process group to CUDA.
     """
@@ -185,6 +191,8 @@ def make_trainer(cls, *, ndim: int = 2, resenc: bool = False, num_classes: int =
 
     import torch
     import torch.distributed as dist
+
+    from nnunet_semi.training.supervised_init import stand_in_supervised_run
 
     if dist.is_available() and dist.is_initialized():
         raise RuntimeError("make_trainer: build the trainer before init_process_group (nnU-Net's __init__ would "
@@ -211,6 +219,8 @@ def make_trainer(cls, *, ndim: int = 2, resenc: bool = False, num_classes: int =
         trainer = cls(plans, configuration, 0, tiny_dataset_json(num_classes), torch.device("cpu"))
         trainer.num_epochs, trainer.num_iterations_per_epoch = epochs, iters
         trainer.enable_deep_supervision = deep_supervision
+        if supervised_run and cls.needs_supervised_run():
+            stand_in_supervised_run(trainer, seed=seed + 1000)
         torch.manual_seed(seed)
         trainer.initialize()
     return trainer

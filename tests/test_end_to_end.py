@@ -196,23 +196,33 @@ def _rl_checks(folder, trainer, epochs):
 
 @pytest.mark.parametrize("config", ["2d", "3d_fullres"])
 def test_reciprocal_learning_train_resume_and_predict(prepared, config):
-    # 2 epochs x 3 iterations; the in-run teacher warm-up takes the first 20% (1 iteration)
-    folder = train(prepared, "ReciprocalLearningTrainer", config)
-    first = _rl_checks(folder, "ReciprocalLearningTrainer", 2)
-    train(prepared, "ReciprocalLearningTrainer", config, epochs=3, extra=("--c",))
-    resumed = _rl_checks(folder, "ReciprocalLearningTrainer", 3)
-    log = open(os.path.join(prepared.root, f"train_ReciprocalLearningTrainer_{config}--c.log")).read()
+    # ReciprocalLearningTrainer_warmup (no supervised run needed), 2 epochs x 3 iterations; the in-run teacher
+    # warm-up takes the first 20% (1 iteration)
+    rl = "ReciprocalLearningTrainer_warmup"
+    folder = train(prepared, rl, config)
+    first = _rl_checks(folder, rl, 2)
+    assert first["nnunet_semi"]["teacher_pretrained"] is False
+    train(prepared, rl, config, epochs=3, extra=("--c",))
+    resumed = _rl_checks(folder, rl, 3)
+    log = open(os.path.join(prepared.root, f"train_{rl}_{config}--c.log")).read()
     assert "Epoch 2" in log and "Epoch 0\n" not in log
     # the teacher continued from its saved state (its optimizer's momentum too)
     k = next(k for k in first["nnunet_semi"]["aux"]["teacher"]["weights"] if k.endswith("weight"))
     assert not torch.equal(first["nnunet_semi"]["aux"]["teacher"]["weights"][k],
                            resumed["nnunet_semi"]["aux"]["teacher"]["weights"][k])
-    _predictions_ok(predict(prepared, "ReciprocalLearningTrainer", config), prepared)
+    _predictions_ok(predict(prepared, rl, config), prepared)
 
 
-def test_reciprocal_learning_survives_sigkill_and_resumes(prepared):
+@pytest.fixture(scope="session")
+def sup2d(prepared):
+    """SupervisedBaselineTrainer 2d, fold 0, 1 epoch x 2 iterations: the supervised run that Reciprocal Learning's
+    default teacher starts from."""
+    return train(prepared, "SupervisedBaselineTrainer", "2d", epochs=1, iters=2)
+
+
+def test_reciprocal_learning_survives_sigkill_and_resumes(prepared, sup2d):
     """SIGKILL in the middle of training, then --c: it finishes, and the restored teacher is the saved one,
-    not a copy of the student or a fresh network."""
+    not a copy of the student, a fresh network or the supervised run it started from."""
     import signal
     trainer, epochs = "ReciprocalLearningTrainer_exportTeacher", 8
     env = dict(prepared.env, nnUNet_semi_epochs=str(epochs), nnUNet_semi_iters="3", nnUNet_semi_val_iters="1",
@@ -254,13 +264,16 @@ tw = ck['nnunet_semi']['aux']['teacher']['weights']
 same = all(torch.equal(v, tw[k]) for k, v in t.aux['teacher'].module.state_dict().items())
 student = all(torch.equal(v, ck['nnunet_semi']['student_weights'][k]) for k, v in t.network.state_dict().items())
 differs = any(not torch.equal(v, t.network.state_dict()[k]) for k, v in tw.items())
+sup = torch.load({os.path.join(sup2d, "checkpoint_final.pth")!r}, map_location='cpu', weights_only=False)
+trained = any(not torch.equal(v, sup['network_weights'][k]) for k, v in t.aux['teacher'].module.state_dict().items())
 opt = t.aux['teacher'].optimizer.state_dict()['state']
-print('RESULT', json.dumps(dict(epoch=t.current_epoch, same=same, student=student, differs=differs,
-                                momentum=len(opt) > 0)))
+print('RESULT', json.dumps(dict(epoch=t.current_epoch, same=same, student=student, differs=differs, trained=trained,
+                                momentum=len(opt) > 0, pretrained=ck['nnunet_semi']['teacher_pretrained'])))
 """
     p = run([sys.executable, "-c", script], env)
     assert json.loads(p.stdout.split("RESULT", 1)[1]) == {"epoch": killed_at, "same": True, "student": True,
-                                                         "differs": True, "momentum": True}
+                                                         "differs": True, "trained": True, "momentum": True,
+                                                         "pretrained": True}
     run(cmd + ["--c"], env, log=os.path.join(prepared.root, "train_rl_sigkill_resume.log"))
     final = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert final["current_epoch"] == epochs
@@ -271,8 +284,8 @@ print('RESULT', json.dumps(dict(epoch=t.current_epoch, same=same, student=studen
     assert torch.equal(final["network_weights"][k], final["nnunet_semi"]["aux"]["teacher"]["weights"][k])
 
 
-def test_reciprocal_learning_teacher_from_a_supervised_checkpoint(prepared, mt3d):
-    sup = train(prepared, "SupervisedBaselineTrainer", "2d", epochs=1, iters=2)
+def test_reciprocal_learning_teacher_from_a_supervised_checkpoint(prepared, mt3d, sup2d):
+    sup = sup2d
     ckpt = os.path.join(sup, "checkpoint_final.pth")
     folder = train(prepared, "ReciprocalLearningTrainer_released", "2d", epochs=1, iters=2,
                    nnUNet_semi_teacher_checkpoint=ckpt)
@@ -281,9 +294,9 @@ def test_reciprocal_learning_teacher_from_a_supervised_checkpoint(prepared, mt3d
     state = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert state["nnunet_semi"]["teacher_pretrained"] is True
     assert "feedback_h" in state["logging"]          # no warm-up phase: the reciprocal step from the start
-    # ReciprocalLearningTrainer_fromSupervised finds that supervised run itself (same dataset, plans, configuration,
+    # the default ReciprocalLearningTrainer finds that supervised run itself (same dataset, plans, configuration,
     # fold) ...
-    fs = "ReciprocalLearningTrainer_fromSupervised"
+    fs = "ReciprocalLearningTrainer"
     folder = train(prepared, fs, "2d", epochs=1, iters=2, nnUNet_semi_teacher_checkpoint="")
     assert f"teacher from {ckpt}" in open(os.path.join(prepared.root, f"train_{fs}_2d.log")).read()
     state = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)

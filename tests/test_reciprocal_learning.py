@@ -233,9 +233,8 @@ def test_the_supervised_run_of_the_same_dataset_plans_configuration_and_fold_is_
     assert str(ds / "SupervisedBaselineTrainer__nnUNetPlans__2d" / "fold_3" / "checkpoint_final.pth") in msg
     assert str(ds / "nnUNetTrainer__nnUNetPlans__2d" / "fold_3" / "checkpoint_final.pth") in msg
     assert "nnUNetv2_train Dataset104_Hippocampus 2d 3 -p nnUNetPlans" in msg
-    # the variant looks for it, nnUNet_semi_teacher_checkpoint overrides it, the default warms up instead
-    from nnunet_semi.methods.reciprocal_learning import ReciprocalLearningTrainer_fromSupervised as FS
-    t = FS.__new__(FS)
+    # the default looks for it, nnUNet_semi_teacher_checkpoint overrides it, the _warmup variant warms up instead
+    t = ReciprocalLearningTrainer.__new__(ReciprocalLearningTrainer)
     t.output_folder, t.configuration_name = out, "2d"
     t.plans_manager = type("P", (), {"plans_name": "nnUNetPlans"})()
     with mock.patch.dict(os.environ, {TEACHER_CHECKPOINT_VAR: ""}):
@@ -245,10 +244,32 @@ def test_the_supervised_run_of_the_same_dataset_plans_configuration_and_fold_is_
     t.output_folder = str(ds / "T__nnUNetPlans__2d" / "fold_3")      # no supervised run of fold 3: the fixes
     with mock.patch.dict(os.environ, {TEACHER_CHECKPOINT_VAR: ""}), pytest.raises(RuntimeError) as e:
         t.find_teacher_checkpoint()
-    assert f"give {TEACHER_CHECKPOINT_VAR}=" in str(e.value) and "or use ReciprocalLearningTrainer" in str(e.value)
+    assert f"give {TEACHER_CHECKPOINT_VAR}=" in str(e.value) and "or use ReciprocalLearningTrainer_warmup" in str(e.value)
     t.teacher_init = "warmup"
     with mock.patch.dict(os.environ, {TEACHER_CHECKPOINT_VAR: ""}):
         assert t.find_teacher_checkpoint() is None
+
+
+def test_the_default_needs_the_supervised_run_and_the_warmup_variant_does_not():
+    """The default teacher starts from the supervised run (as released): built where nnUNet_results has none, it is
+    refused before training, naming the paths, the command and the _warmup variant; ReciprocalLearningTrainer_warmup
+    builds there and warms up; the alias under which the benchmark runs were recorded is the default."""
+    from nnunet_semi.methods.reciprocal_learning import (ReciprocalLearningTrainer_fromSupervised,
+                                                         ReciprocalLearningTrainer_warmup)
+    with pytest.raises(RuntimeError) as e:
+        make_trainer(ReciprocalLearningTrainer, supervised_run=False)
+    msg = str(e.value)
+    assert "SupervisedBaselineTrainer__nnUNetPlans__2d" in msg and "nnUNetv2_train Dataset999_Tiny 2d 0" in msg
+    assert "ReciprocalLearningTrainer_warmup" in msg and TEACHER_CHECKPOINT_VAR in msg
+    warm = make_trainer(ReciprocalLearningTrainer_warmup, supervised_run=False, epochs=10, iters=10)
+    assert warm.teacher_pretrained is False and warm.warmup_length() == 20      # 20% of 100 iterations
+    sup = make_trainer(ReciprocalLearningTrainer)                              # a supervised run beside it
+    assert sup.teacher_pretrained is True and sup.warmup_length() == 0 and sup.teacher_checkpoint.endswith(
+        os.path.join("SupervisedBaselineTrainer__nnUNetPlans__2d", "fold_0", "checkpoint_final.pth"))
+    ref = torch.load(sup.teacher_checkpoint, map_location="cpu", weights_only=False)["network_weights"]
+    assert all(torch.equal(v, ref[k]) for k, v in sup.aux["teacher"].module.state_dict().items())
+    assert any(not torch.equal(v, ref[k]) for k, v in sup.network.state_dict().items())   # the student: nnU-Net's init
+    assert ReciprocalLearningTrainer_fromSupervised.teacher_init == ReciprocalLearningTrainer.teacher_init
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
@@ -287,16 +308,15 @@ def test_two_rank_ddp_keeps_teacher_and_student_identical(tmp_path):
 def test_benchmark_trains_the_supervised_run_before_an_arm_that_starts_from_it():
     from nnunet_semi.benchmark.commands import BenchmarkError
     from nnunet_semi.benchmark.trainers import BASELINE, check_trainers, needs_supervised_run
-    from nnunet_semi.methods.reciprocal_learning import ReciprocalLearningTrainer_fromSupervised as FS
+    from nnunet_semi.methods.reciprocal_learning import ReciprocalLearningTrainer_warmup as W
     from nnunet_semi.methods.supervised import SupervisedBaselineTrainer
     registered = {BASELINE: SupervisedBaselineTrainer, "ReciprocalLearningTrainer": ReciprocalLearningTrainer,
-                  "ReciprocalLearningTrainer_fromSupervised": FS}
-    assert needs_supervised_run(FS) and not needs_supervised_run(ReciprocalLearningTrainer)
+                  "ReciprocalLearningTrainer_warmup": W}
+    assert needs_supervised_run(ReciprocalLearningTrainer) and not needs_supervised_run(W)
     assert not needs_supervised_run(SupervisedBaselineTrainer)
-    check_trainers([BASELINE, "ReciprocalLearningTrainer_fromSupervised"], registered)
-    check_trainers(["ReciprocalLearningTrainer_fromSupervised"], registered)     # supervised trained earlier, elsewhere
-    check_trainers(["ReciprocalLearningTrainer", BASELINE], registered)
-    for arms in (["ReciprocalLearningTrainer_fromSupervised", BASELINE],
-                 ["ReciprocalLearningTrainer_fromSupervised@teacher", BASELINE]):
+    check_trainers([BASELINE, "ReciprocalLearningTrainer"], registered)
+    check_trainers(["ReciprocalLearningTrainer"], registered)     # supervised trained earlier, elsewhere
+    check_trainers(["ReciprocalLearningTrainer_warmup", BASELINE], registered)
+    for arms in (["ReciprocalLearningTrainer", BASELINE], ["ReciprocalLearningTrainer@teacher", BASELINE]):
         with pytest.raises(BenchmarkError, match=f"list {BASELINE} first"):
             check_trainers(arms, registered)

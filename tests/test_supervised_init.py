@@ -52,7 +52,7 @@ def test_student_and_teacher_start_from_the_supervised_run(tmp_path):
 
 def test_without_a_supervised_run_it_is_refused_with_the_paths_looked_at(tmp_path):
     with pytest.raises(RuntimeError) as e:
-        make_trainer(MeanTeacherTrainer_fromSupervised, root=str(tmp_path))
+        make_trainer(MeanTeacherTrainer_fromSupervised, root=str(tmp_path), supervised_run=False)
     msg = str(e.value)
     assert "SupervisedBaselineTrainer__" in msg and "nnUNetTrainer__" in msg and "checkpoint_final.pth" in msg
     assert "nnUNetv2_train" in msg and "or use MeanTeacherTrainer (nnU-Net's random initialisation)" in msg

@@ -12,7 +12,8 @@ from nnunet_semi.methods.supervised import SupervisedBaselineTrainer  # noqa: F4
 from nnunet_semi.methods.reciprocal_learning import (ReciprocalLearningTrainer,  # noqa: F401
                                                      ReciprocalLearningTrainer_exportTeacher,
                                                      ReciprocalLearningTrainer_fromSupervised,
-                                                     ReciprocalLearningTrainer_released)
+                                                     ReciprocalLearningTrainer_released,
+                                                     ReciprocalLearningTrainer_warmup)
 from nnunet_semi.methods.aggregating_decoupling import (AggregatingDecouplingTrainer,  # noqa: F401
                                                         AggregatingDecouplingTrainer_normDifficulty,
                                                         AggregatingDecouplingTrainer_released,

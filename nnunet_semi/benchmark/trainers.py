@@ -77,6 +77,6 @@ def check_trainers(names: Sequence[str], registered: Mapping[str, type]) -> None
 
 def needs_supervised_run(cls: type) -> bool:
     """Whether ``cls`` starts from the supervised run of the same dataset / plans / configuration / fold
-    (e.g. ``ReciprocalLearningTrainer_fromSupervised``)."""
+    (e.g. ``ReciprocalLearningTrainer``, whose teacher starts there)."""
     check = getattr(cls, "needs_supervised_run", None)
     return bool(check()) if callable(check) else False

@@ -106,7 +106,7 @@ class MeanTeacherTrainer_weight2(MeanTeacherTrainer):
 class MeanTeacherTrainer_fromSupervised(MeanTeacherTrainer):
     """The default recipe with the student (and so its EMA teacher) started from the supervised nnU-Net run of the
     same dataset, plans, configuration and fold in nnUNet_results, as Reciprocal Learning's teacher is in
-    ``ReciprocalLearningTrainer_fromSupervised``; benchmarks/RESULTS.md gives what it measured."""
+    ``ReciprocalLearningTrainer`` (its default); benchmarks/RESULTS.md gives what it measured."""
     network_init = "supervised_run"
 
 

@@ -61,3 +61,39 @@ def load_supervised_checkpoint(network: nn.Module, path: str, plans_name: str, c
     except RuntimeError as e:
         raise RuntimeError(f"{path}: its network does not match this run's architecture ({str(e)[:300]}). {fix}") \
             from None
+
+
+def write_supervised_checkpoint(path: str, network: nn.Module, plans: dict, configuration: str,
+                                trainer_name: str = SUPERVISED_RUN_TRAINERS[0]) -> str:
+    """Write ``network``'s weights as a minimal ``checkpoint_final.pth`` of a supervised run of ``plans`` (its
+    ``plans_name`` and ``dataset_name``) and ``configuration``: the keys :func:`load_supervised_checkpoint` reads
+    (``network_weights``, ``init_args``, ``trainer_name``). Returns ``path``."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"network_weights": unwrap(network).state_dict(), "trainer_name": trainer_name,
+                "init_args": {"plans": plans, "configuration": configuration}}, path)
+    return path
+
+
+def stand_in_supervised_run(trainer, seed: int = 12345) -> str:
+    """Give ``trainer`` (built, not yet initialised) a supervised run to start from where the weights do not matter
+    (step timing, tests of the training step): a freshly initialised network of its plans (``seed``), written where
+    :func:`supervised_run_checkpoint` looks beside ``trainer.output_folder``. Returns its path. Never a substitute
+    for the real run in a result: the weights are random. Where a supervised run is there already, it is left as it is
+    and its path returned."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    pm, cm = trainer.plans_manager, trainer.configuration_manager
+    folder = os.path.abspath(trainer.output_folder)
+    try:
+        return supervised_run_checkpoint(folder, pm.plans_name, trainer.configuration_name, type(trainer).__name__)
+    except RuntimeError:
+        pass
+    path = os.path.join(os.path.dirname(os.path.dirname(folder)),
+                        f"{SUPERVISED_RUN_TRAINERS[0]}__{pm.plans_name}__{trainer.configuration_name}",
+                        os.path.basename(folder), "checkpoint_final.pth")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = type(trainer).build_network_architecture(
+            pm, cm, determine_num_input_channels(pm, cm, trainer.dataset_json),
+            trainer.label_manager.num_segmentation_heads, trainer.enable_deep_supervision)
+    return write_supervised_checkpoint(path, net, pm.plans, trainer.configuration_name)
