@@ -274,11 +274,18 @@ print('RESULT', json.dumps(dict(epoch=t.current_epoch, same=same, student=studen
     assert json.loads(p.stdout.split("RESULT", 1)[1]) == {"epoch": killed_at, "same": True, "student": True,
                                                          "differs": True, "trained": True, "momentum": True,
                                                          "pretrained": True}
-    run(cmd + ["--c"], env, log=os.path.join(prepared.root, "train_rl_sigkill_resume.log"))
+    # only a new training needs the supervised run: --c resumes with it moved away
+    sup_ckpt = os.path.join(sup2d, "checkpoint_final.pth")
+    os.rename(sup_ckpt, sup_ckpt + ".away")
+    try:
+        run(cmd + ["--c"], env, log=os.path.join(prepared.root, "train_rl_sigkill_resume.log"))
+    finally:
+        os.rename(sup_ckpt + ".away", sup_ckpt)
     final = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert final["current_epoch"] == epochs
     log = open(os.path.join(prepared.root, "train_rl_sigkill_resume.log")).read()
     assert f"Epoch {killed_at}\n" in log and "Epoch 0\n" not in log
+    assert "a new training is refused" in log and final["nnunet_semi"]["teacher_checkpoint"] == sup_ckpt
     # the exported network is the teacher
     k = next(iter(final["network_weights"]))
     assert torch.equal(final["network_weights"][k], final["nnunet_semi"]["aux"]["teacher"]["weights"][k])

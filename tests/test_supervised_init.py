@@ -56,3 +56,34 @@ def test_without_a_supervised_run_it_is_refused_with_the_paths_looked_at(tmp_pat
     msg = str(e.value)
     assert "SupervisedBaselineTrainer__" in msg and "nnUNetTrainer__" in msg and "checkpoint_final.pth" in msg
     assert "nnUNetv2_train" in msg and "or use MeanTeacherTrainer (nnU-Net's random initialisation)" in msg
+
+
+def test_a_run_whose_supervised_run_is_gone_resumes_from_its_own_checkpoint(tmp_path):
+    """Only a new training needs the supervised run: with it deleted, a run that has a checkpoint of its own builds
+    (what --c / --val do before loading it), the checkpoint restores its weights and the checkpoint path it started
+    from, and a training that starts without loading one is refused with the paths looked at."""
+    root = str(tmp_path)
+    t = make_trainer(MeanTeacherTrainer_fromSupervised, seed=0, root=root)   # a stand-in supervised run beside it
+    started_from = t.network_init_checkpoint
+    with torch.no_grad():
+        for p in t.network.parameters():
+            p.add_(1.0)
+    own = os.path.join(t.output_folder, "checkpoint_latest.pth")
+    t.save_checkpoint(own)
+    os.remove(started_from)
+    again = make_trainer(MeanTeacherTrainer_fromSupervised, seed=0, root=root, supervised_run=False)
+    assert again._supervised_run_missing is not None and started_from in again._supervised_run_missing
+    assert again.network_init_checkpoint is None
+    log = open(again.log_file).read()
+    assert "checkpoint_latest.pth is in" in log and "a new training is refused" in log
+    again.load_checkpoint(own)
+    assert again._supervised_run_missing is None and again.network_init_checkpoint == started_from
+    assert all(torch.equal(v, t.network.state_dict()[k]) for k, v in again.network.state_dict().items())
+    # without loading it (no --c): the new training is refused before anything is trained or written
+    fresh = make_trainer(MeanTeacherTrainer_fromSupervised, seed=0, root=root, supervised_run=False)
+    with pytest.raises(RuntimeError, match="looked for .*SupervisedBaselineTrainer__"):
+        fresh.on_train_start()
+    # and with no checkpoint of its own either, it is refused as it is built
+    os.remove(own)
+    with pytest.raises(RuntimeError, match="nnUNetv2_train"):
+        make_trainer(MeanTeacherTrainer_fromSupervised, seed=0, root=root, supervised_run=False)

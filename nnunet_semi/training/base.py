@@ -174,6 +174,9 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         self.unsup_gate_step: Optional[int] = None
         #: the checkpoint the student started from (None: nnU-Net's random initialisation; ``network_init``)
         self.network_init_checkpoint: Optional[str] = None
+        #: the refusal of a missing supervised run, held back while this run's own checkpoint may restore it
+        #: (``--c`` / ``--val``; :meth:`supervised_run_path`); raised by :meth:`on_train_start` if none was loaded
+        self._supervised_run_missing: Optional[str] = None
         apply_schedule_overrides(self)
         if self.warmup_iters < 0:
             raise ValueError(f"{type(self).__name__}.warmup_iters must be >= 0")
@@ -220,16 +223,41 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         plain = next((c.__name__ for c in type(self).__mro__[1:] if getattr(c, "network_init", None) == "random"),
                      None)
         path = self.supervised_run_path(f"or use {plain} (nnU-Net's random initialisation)" if plain else "")
+        if path is None:        # this run's own checkpoint will be loaded instead (--c / --val)
+            return
         self.load_supervised_run(self.network, path)
         self.network_init_checkpoint = path
         self.print_to_log_file(f"nnunet_semi: the network starts from the supervised run {path}")
 
-    def supervised_run_path(self, alternative: str = "") -> str:
+    def supervised_run_path(self, alternative: str = "") -> Optional[str]:
         """``checkpoint_final.pth`` of the supervised run of this run's dataset, plans, configuration and fold in
         nnUNet_results (for any network a method starts there); refused with the paths looked at, the command
-        that trains it and ``alternative``."""
-        return supervised_run_checkpoint(self.output_folder, self.plans_manager.plans_name, self.configuration_name,
-                                         type(self).__name__, alternative)
+        that trains it and ``alternative``.
+
+        Only a new training needs it: where it is gone but this run has a checkpoint of its own (what ``--c`` and
+        ``--val`` load), None is returned, the caller keeps its fresh weights, and the refusal waits. Loading a
+        checkpoint (:meth:`load_checkpoint`) clears it; a training that starts without one is refused by
+        :meth:`on_train_start` with the same message."""
+        try:
+            return supervised_run_checkpoint(self.output_folder, self.plans_manager.plans_name,
+                                             self.configuration_name, type(self).__name__, alternative)
+        except RuntimeError as e:
+            own = [f for f in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+                   if os.path.isfile(os.path.join(self.output_folder, f))]
+            if not own:
+                raise
+            self._supervised_run_missing = str(e)
+            self.print_to_log_file(f"nnunet_semi: {e} This run's own {own[0]} is in {self.output_folder}: continuing "
+                                   f"it (--c) or validating it (--val) restores its weights from there; a new "
+                                   f"training is refused.")
+            return None
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        if self._supervised_run_missing is not None:     # a new training, not --c: it needs the supervised run
+            raise RuntimeError(self._supervised_run_missing)
+        super().on_train_start()
 
     def load_supervised_run(self, module: nn.Module, path: str, fix: Optional[str] = None,
                             given_by: str = "") -> None:
@@ -701,6 +729,7 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         if not isinstance(filename_or_checkpoint, str):
             raise TypeError("load_checkpoint takes the checkpoint's file name")
         super().load_checkpoint(filename_or_checkpoint)
+        self._supervised_run_missing = None      # the run's own weights replace those it would have started from
         checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None:
