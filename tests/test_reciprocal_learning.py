@@ -320,3 +320,18 @@ def test_benchmark_trains_the_supervised_run_before_an_arm_that_starts_from_it()
     for arms in (["ReciprocalLearningTrainer", BASELINE], ["ReciprocalLearningTrainer@teacher", BASELINE]):
         with pytest.raises(BenchmarkError, match=f"list {BASELINE} first"):
             check_trainers(arms, registered)
+
+
+def test_a_refused_supervised_run_names_the_command_for_this_runs_fold(tmp_path):
+    """A supervised checkpoint of another configuration where the default looks (fold 0) is refused; the fix names
+    the command for fold 0, not for another fold."""
+    from nnunet_semi.training.supervised_init import write_supervised_checkpoint
+    root = str(tmp_path)
+    good = make_trainer(ReciprocalLearningTrainer, root=root)          # writes the stand-in, then overwrite it
+    write_supervised_checkpoint(good.teacher_checkpoint, good.network, good.plans_manager.plans, "3d_fullres")
+    with pytest.raises(RuntimeError) as e:
+        make_trainer(ReciprocalLearningTrainer, root=root)
+    msg = str(e.value)
+    assert good.teacher_checkpoint in msg and "configuration 3d_fullres" in msg
+    assert "nnUNetv2_train Dataset999_Tiny 2d 0 -tr SupervisedBaselineTrainer" in msg
+    assert "ReciprocalLearningTrainer_warmup" in msg

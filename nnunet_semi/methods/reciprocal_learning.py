@@ -136,6 +136,7 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
         self.print_to_log_file(
             f"Reciprocal Learning: loss {self.loss_recipe}, optimizers {self.optimizer_recipe}, teacher "
             + (f"from {self.teacher_checkpoint}" if self.teacher_pretrained else
+               "restored from this run's checkpoint (its supervised run is gone)" if self._supervised_run_missing else
                f"trained alone for the first {self.warmup_length()} iterations"))
 
     # ---- optimisers -----------------------------------------------------------------------------
@@ -155,7 +156,7 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
         path = self.find_teacher_checkpoint()
         if path:
             self.load_supervised_run(teacher, path, teacher_checkpoint_fix(
-                self.plans_manager.dataset_name, self.configuration_name, self.plans_manager.plans_name),
+                self.plans_manager.dataset_name, self.configuration_name, self.plans_manager.plans_name, self.fold),
                 TEACHER_CHECKPOINT_VAR if os.environ.get(TEACHER_CHECKPOINT_VAR, "").strip() else "")
             self.teacher_pretrained, self.teacher_checkpoint = True, path
         opt, sched = self.make_optimizer(teacher)
@@ -281,8 +282,10 @@ def load_teacher_checkpoint(teacher: nn.Module, path: str, plans_name: str, conf
                                teacher_checkpoint_fix(dataset_name, configuration, plans_name), TEACHER_CHECKPOINT_VAR)
 
 
-def teacher_checkpoint_fix(dataset_name: str, configuration: str, plans_name: str) -> str:
-    return (f"train the teacher with: nnUNetv2_train {dataset_name} {configuration} all -tr SupervisedBaselineTrainer "
+def teacher_checkpoint_fix(dataset_name: str, configuration: str, plans_name: str, fold="all") -> str:
+    """What to do about a refused teacher checkpoint: the command that trains the right one for ``fold`` (the run's),
+    the lookup of the default, the warm-up variant."""
+    return (f"train the teacher with: nnUNetv2_train {dataset_name} {configuration} {fold} -tr SupervisedBaselineTrainer "
             f"-p {plans_name}, or unset {TEACHER_CHECKPOINT_VAR} (the supervised run of this fold in nnUNet_results), or "
             f"use ReciprocalLearningTrainer_warmup (the teacher is warmed up inside the run)")
 
