@@ -198,6 +198,31 @@ def test_recipes_and_bad_settings():
         make_trainer(AD, decoder_init="random")
 
 
+
+def test_svda_variant_changes_only_the_augmentation_and_labels_the_view_it_trains_on():
+    from nnunet_semi.methods.aggregating_decoupling import AggregatingDecouplingTrainer_svda as ADs
+    from nnunet_semi.training.base import class_hparams
+    diff = {k for k, v in class_hparams(ADs).items() if class_hparams(AD).get(k) != v}
+    assert diff == {"augmentation", "pseudo_label_view"}
+    tr = make_trainer(ADs, **OPEN_GATE)
+    from nnunet_semi.data.svda import SVDATransform
+    assert isinstance(tr.get_strong_transform(False), SVDATransform)
+    assert not isinstance(make_trainer(AD).get_strong_transform(False), SVDATransform)
+    tr.update_unsup_gate()
+    data, tgt, u = batches(tr)
+    seen = []
+    real = tr.pseudo_labels
+
+    def spy(image, skips_u=None):
+        seen.append((image, skips_u))
+        return real(image, skips_u)
+    tr.pseudo_labels = spy
+    _, terms = tr.method_step(data, tgt, [u])
+    assert "loss_unsup" in terms and len(seen) == 1
+    image, skips_u = seen[0]
+    # the pseudo-labels are made on the strong (SVDA) view D_theta trains on, from the skips already computed
+    assert image is u.strong[0] and skips_u is not None
+
 # ---- DDP ---------------------------------------------------------------------------------------------------
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
     import torch.distributed as dist

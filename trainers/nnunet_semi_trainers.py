@@ -17,4 +17,5 @@ from nnunet_semi.methods.reciprocal_learning import (ReciprocalLearningTrainer, 
 from nnunet_semi.methods.aggregating_decoupling import (AggregatingDecouplingTrainer,  # noqa: F401
                                                         AggregatingDecouplingTrainer_normDifficulty,
                                                         AggregatingDecouplingTrainer_released,
+                                                        AggregatingDecouplingTrainer_svda,
                                                         AggregatingDecouplingTrainer_thetaUnlabeled)

@@ -302,6 +302,15 @@ class AggregatingDecouplingTrainer_normDifficulty(AggregatingDecouplingTrainer):
     difficulty_normalize = True
 
 
+class AggregatingDecouplingTrainer_svda(AggregatingDecouplingTrainer):
+    """The default recipe with A&D's SVDA (3 of 6 operations, p 0.7) on both streams in place of nnU-Net's
+    augmentation, everything else as the default. The SVDA view of an unlabeled image is not pixel-aligned with
+    a weak view, so the pseudo-labels come from the view D_theta trains on, as released (its image-path encoder
+    output is reused: no second encoder pass). Measures SVDA against nnU-Net's augmentation inside nnU-Net."""
+    augmentation = "svda"
+    pseudo_label_view = "same"
+
+
 class AggregatingDecouplingTrainer_released(AggregatingDecouplingTrainer):
     """The released recipe (README command of xmed-lab/GenericSSL): SVDA on both streams, pseudo-labels and
     D_theta on the same view, independently initialised decoders, mu_max 10 with a sigmoid ramp over the whole
