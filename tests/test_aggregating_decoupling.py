@@ -198,7 +198,6 @@ def test_recipes_and_bad_settings():
         make_trainer(AD, decoder_init="random")
 
 
-
 def test_svda_variant_changes_only_the_augmentation_and_labels_the_view_it_trains_on():
     from nnunet_semi.methods.aggregating_decoupling import AggregatingDecouplingTrainer_svda as ADs
     from nnunet_semi.training.base import class_hparams
@@ -222,6 +221,7 @@ def test_svda_variant_changes_only_the_augmentation_and_labels_the_view_it_train
     image, skips_u = seen[0]
     # the pseudo-labels are made on the strong (SVDA) view D_theta trains on, from the skips already computed
     assert image is u.strong[0] and skips_u is not None
+
 
 # ---- DDP ---------------------------------------------------------------------------------------------------
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str):
