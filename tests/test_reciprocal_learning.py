@@ -16,8 +16,8 @@ from nnunet_semi.losses import pseudo_label
 from nnunet_semi.methods import reciprocal_learning as rl
 from nnunet_semi.training import budget
 from nnunet_semi.methods.reciprocal_learning import (ReciprocalLearningTrainer, ReciprocalLearningTrainer_released,
-                                                     TEACHER_CHECKPOINT_VAR, load_teacher_checkpoint)
-from nnunet_semi.training.supervised_init import supervised_run_checkpoint
+                                                     TEACHER_CHECKPOINT_VAR, teacher_checkpoint_fix)
+from nnunet_semi.training.supervised_init import load_supervised_checkpoint, supervised_run_checkpoint
 
 
 def tiny_net(seed: int, ds: bool = True):
@@ -186,25 +186,31 @@ def test_auxiliary_state_round_trips(tmp_path):
 
 
 def test_wrong_teacher_checkpoints_are_refused(tmp_path):
+    """The loader and fix the trainer uses (build_auxiliary_modules): a checkpoint of other plans / configuration or
+    architecture, or a missing file, is refused naming the command that trains the right one for the run's fold."""
     teacher = tiny_net(3)
     plans = {"plans_name": "nnUNetPlans", "dataset_name": "Dataset104_Hippocampus"}
     good = {"network_weights": tiny_net(4).state_dict(), "init_args": {"plans": plans, "configuration": "2d"}}
     path = str(tmp_path / "checkpoint_final.pth")
     torch.save(good, path)
-    load_teacher_checkpoint(teacher, path, "nnUNetPlans", "2d", "Dataset104_Hippocampus", torch.device("cpu"))
+
+    def load(p, cfg, dataset="Dataset104_Hippocampus", fold="0"):
+        load_supervised_checkpoint(teacher, p, "nnUNetPlans", cfg, dataset, torch.device("cpu"),
+                                   teacher_checkpoint_fix(dataset, cfg, "nnUNetPlans", fold), TEACHER_CHECKPOINT_VAR)
+
+    load(path, "2d")
     assert all(torch.equal(v, good["network_weights"][k]) for k, v in teacher.state_dict().items())
     with pytest.raises(RuntimeError, match=r"configuration 2d .* this run uses plans nnUNetPlans, configuration "
-                                           r"3d_fullres.*nnUNetv2_train Dataset104_Hippocampus 3d_fullres all -tr "
-                                           r"SupervisedBaselineTrainer"):
-        load_teacher_checkpoint(teacher, path, "nnUNetPlans", "3d_fullres", "Dataset104_Hippocampus",
-                                torch.device("cpu"))
+                                           r"3d_fullres.*nnUNetv2_train Dataset104_Hippocampus 3d_fullres 0 -tr "
+                                           r"SupervisedBaselineTrainer.*ReciprocalLearningTrainer_warmup"):
+        load(path, "3d_fullres")
     other = dict(good, network_weights=ReciprocalLearningTrainer.build_network_architecture(
         None, config_manager(2, True), 1, NUM_CLASSES, True).state_dict())
     torch.save(other, path)
     with pytest.raises(RuntimeError, match="does not match this run's architecture"):
-        load_teacher_checkpoint(teacher, path, "nnUNetPlans", "2d", "Dataset104_Hippocampus", torch.device("cpu"))
+        load(path, "2d")
     with pytest.raises(RuntimeError, match="no such file"):
-        load_teacher_checkpoint(teacher, str(tmp_path / "missing.pth"), "nnUNetPlans", "2d", "D", torch.device("cpu"))
+        load(str(tmp_path / "missing.pth"), "2d", "D")
 
 
 def test_the_supervised_run_of_the_same_dataset_plans_configuration_and_fold_is_found(tmp_path):

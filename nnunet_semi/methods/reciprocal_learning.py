@@ -56,7 +56,6 @@ from nnunet_semi.losses import deep_supervision_targets, pseudo_label
 from nnunet_semi.networks.feature_perturbation import full_resolution, split_batch
 from nnunet_semi.training.auxiliary import AuxiliaryModule
 from nnunet_semi.training.base import SemiSupervisedTrainer
-from nnunet_semi.training.supervised_init import load_supervised_checkpoint
 
 TEACHER_CHECKPOINT_VAR = "nnUNet_semi_teacher_checkpoint"
 
@@ -272,14 +271,6 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
         super().load_semi_state_dict(state)
         self.teacher_pretrained = bool(state.get("teacher_pretrained", self.teacher_pretrained))
         self.teacher_checkpoint = state.get("teacher_checkpoint", self.teacher_checkpoint)
-
-
-def load_teacher_checkpoint(teacher: nn.Module, path: str, plans_name: str, configuration: str, dataset_name: str,
-                            device: torch.device) -> None:
-    """Load an nnU-Net ``checkpoint_final.pth`` into ``teacher`` (:func:`load_supervised_checkpoint`), the fix
-    naming the command that trains the right one and the in-run warm-up."""
-    load_supervised_checkpoint(teacher, path, plans_name, configuration, dataset_name, device,
-                               teacher_checkpoint_fix(dataset_name, configuration, plans_name), TEACHER_CHECKPOINT_VAR)
 
 
 def teacher_checkpoint_fix(dataset_name: str, configuration: str, plans_name: str, fold="all") -> str:
