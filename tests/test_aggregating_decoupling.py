@@ -184,6 +184,9 @@ def test_closed_gate_gives_exactly_zero_weight_and_skips_the_sampler():
     data, tgt, u = batches(tr)
     _, terms = tr.method_step(data, tgt, [u])
     assert "loss_unsup" not in terms and {"loss_deno", "loss_diff"} <= set(terms)
+    assert not tr.draws_unlabeled()                  # the base draws no unlabeled batch while the gate is closed
+    _, terms = tr.method_step(data, tgt, [])
+    assert "loss_unsup" not in terms and {"loss_deno", "loss_diff"} <= set(terms)
 
 
 def test_recipes_and_bad_settings():

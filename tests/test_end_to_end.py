@@ -121,19 +121,27 @@ def test_meanteacher_2d_train_and_predict(prepared):
     _predictions_ok(predict(prepared, "MeanTeacherTrainer_exportTeacher", "2d"), prepared)
 
 
+# with 2 iterations per epoch: epoch 0 is the supervised warm-up, the gate opens at the first step of epoch 1
+GATE_AT_EPOCH_1 = {"nnUNet_semi_warmup_iters": "2", "nnUNet_semi_warmup_pseudo_dice": "none"}
+
+
 def _crossmatch_checks(folder, epochs):
     ckpt = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert ckpt["trainer_name"] == "CrossMatchTrainer" and ckpt["current_epoch"] == epochs
-    for key in ("loss_sup", "loss_s1", "loss_s2", "loss_tkd", "loss_dkd", "pl_confidence", "mask_ratio", "tau"):
-        assert len(ckpt["logging"][key]) == epochs and np.all(np.isfinite(ckpt["logging"][key])), key
-    assert ckpt["logging"]["tau"][-1] == 0.95
-    # the default warm-up (250 iterations) outlasts these runs: the unsupervised weight stayed exactly 0
-    assert ckpt["nnunet_semi"]["unsup_gate_step"] is None and set(ckpt["logging"]["unsup_weight_factor"]) == {0.0}
+    log = ckpt["logging"]
+    assert ckpt["nnunet_semi"]["unsup_gate_step"] == 2
+    assert log["unsup_weight_factor"][0] == 0.0 and all(f > 0 for f in log["unsup_weight_factor"][1:])
+    assert len(log["loss_sup"]) == epochs and np.all(np.isfinite(log["loss_sup"]))
+    # the warm-up epoch drew no unlabeled batch (no unsupervised term computed, NaN in the log); every epoch
+    # after the gate computed them all
+    for key in ("loss_s1", "loss_s2", "loss_tkd", "loss_dkd", "pl_confidence", "mask_ratio", "tau"):
+        assert len(log[key]) == epochs and np.isnan(log[key][0]) and np.all(np.isfinite(log[key][1:])), key
+    assert log["tau"][-1] == 0.95
     return ckpt
 
 
 def test_crossmatch_3d_train_and_predict(prepared):
-    folder = train(prepared, "CrossMatchTrainer", "3d_fullres", iters=2)
+    folder = train(prepared, "CrossMatchTrainer", "3d_fullres", iters=2, **GATE_AT_EPOCH_1)
     _crossmatch_checks(folder, 2)
     _predictions_ok(predict(prepared, "CrossMatchTrainer", "3d_fullres"), prepared)
     # the all-background diagnostic of benchmarks/ reads the checkpoint and both preprocessed groups
@@ -148,9 +156,9 @@ def test_crossmatch_3d_train_and_predict(prepared):
 
 
 def test_crossmatch_2d_train_resume_and_predict(prepared):
-    folder = train(prepared, "CrossMatchTrainer", "2d", iters=2)
+    folder = train(prepared, "CrossMatchTrainer", "2d", iters=2, **GATE_AT_EPOCH_1)
     _crossmatch_checks(folder, 2)
-    train(prepared, "CrossMatchTrainer", "2d", epochs=3, iters=2, extra=("--c",))
+    train(prepared, "CrossMatchTrainer", "2d", epochs=3, iters=2, extra=("--c",), **GATE_AT_EPOCH_1)
     _crossmatch_checks(folder, 3)
     log = open(os.path.join(prepared.root, "train_CrossMatchTrainer_2d--c.log")).read()
     assert "Epoch 2" in log and "Epoch 0\n" not in log
@@ -167,7 +175,7 @@ def test_crossmatch_with_residual_encoder_plans(prepared):
     p = run(["nnUNetv2_preprocess_unlabeled", "-d", str(DATASET_ID), "-plans_name", "nnUNetResEncUNetMPlans",
              "-c", "3d_fullres", "-np", "1"], prepared.env)
     assert "6 already preprocessed, writing 0" in p.stdout  # the plans' data identifier and preprocessing are shared
-    env = dict(prepared.env, nnUNet_semi_epochs="1", nnUNet_semi_iters="2", nnUNet_semi_val_iters="1")
+    env = dict(prepared.env, nnUNet_semi_epochs="1", nnUNet_semi_iters="2", nnUNet_semi_val_iters="1", **SHORT_SCHEDULE)
     run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "CrossMatchTrainer", "-p",
          "nnUNetResEncUNetMPlans", "-device", "cpu"], env)
     folder = os.path.join(prepared.res, "CrossMatchTrainer__nnUNetResEncUNetMPlans__3d_fullres", "fold_0")

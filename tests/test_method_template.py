@@ -102,6 +102,25 @@ def test_training_step_is_finite_and_reaches_every_parameter(cls, ndim):
 
 
 @pytest.mark.parametrize("cls", METHODS, ids=lambda c: c.__name__)
+def test_a_warmup_step_draws_no_unlabeled_batch_and_trains(cls):
+    """With the warm-up gate closed the base draws no unlabeled batch (the loader would fail) and the method's
+    step trains on the labeled batch alone, with finite terms (Reciprocal Learning without a teacher checkpoint:
+    its teacher; every other method: the network)."""
+    tr = make_trainer(cls, warmup_iters=250, warmup_pseudo_dice=None)
+    goto_step(tr, 10)
+    tr.dataloader_unlabeled = iter(lambda: pytest.fail("an unlabeled batch was drawn in the warm-up"), None)
+    if hasattr(tr, "teacher_pretrained"):
+        tr.teacher_pretrained = False                # the in-run warm-up: only the teacher trains
+    name, module = ("teacher", tr.aux["teacher"].module) if hasattr(tr, "teacher_pretrained") else \
+        ("network", unwrap(tr.network))
+    before = state(module)
+    out = tr.train_step(labeled_batch(tr, 2))
+    assert tr.unsup_gate_step is None and out["unsup_weight_factor"] == 0.0
+    assert all(np.isfinite(v) for v in out.values()), out
+    assert any(not torch.equal(v, module.state_dict()[k]) for k, v in before.items()), f"{name} did not change"
+
+
+@pytest.mark.parametrize("cls", METHODS, ids=lambda c: c.__name__)
 def test_auxiliary_state_round_trips_into_a_fresh_trainer(cls, tmp_path):
     tr = trainer(cls)
     for seed in (0, 1):                              # two steps: momentum buffers, EMA weights moved

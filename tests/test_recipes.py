@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import config_manager, goto_step, make_trainer
+from helpers import config_manager, ds_targets, goto_step, make_trainer, unlabeled
 from nnunet_semi import losses
 from nnunet_semi.methods.crossmatch import CrossMatchTrainer, CrossMatchTrainer_released
 from nnunet_semi.methods.mean_teacher import (MeanTeacherTrainer, MeanTeacherTrainer_cutmix, MeanTeacherTrainer_ema999,
@@ -77,6 +77,51 @@ def test_gate_state_round_trips_through_the_checkpoint_state(monkeypatch):
     old = {k: v for k, v in state.items() if k != "unsup_gate_step"}
     fresh.load_semi_state_dict(old)
     assert fresh.unsup_gate_step == 0
+
+
+def warmup_batch(tr, seed: int = 3):
+    """A labeled batch for ``tr`` (image, deep-supervision targets) and the dict nnU-Net's loader gives."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn(2, 1, 16, 16, generator=g)
+    with torch.no_grad():
+        tgt = ds_targets(tr.network(data), torch.randint(0, 3, (2, 1, 16, 16), generator=g))
+    return data, tgt, {"data": data, "target": tgt, "keys": ["a", "b"]}
+
+
+@pytest.mark.parametrize("cls", [MeanTeacherTrainer, CrossMatchTrainer])
+def test_closed_gate_draws_no_unlabeled_batch_and_steps_as_at_weight_zero(cls, monkeypatch):
+    """While the warm-up gate is closed the step draws no unlabeled batch and runs no pass on unlabeled data,
+    and it changes the weights as the method's full step at unsupervised weight 0 does (the plugin up to stop
+    26, kept as ``warmup_draws_unlabeled``); once the gate is open every step draws its batches."""
+    trained = []
+    for draws in (True, False):
+        tr = trainer(cls, warmup_iters=250, warmup_pseudo_dice=None, warmup_draws_unlabeled=draws)
+        goto_step(tr, 10)
+        data, tgt, batch = warmup_batch(tr)
+        torch.manual_seed(5)
+        batches = [unlabeled(2, (16, 16), views=2) for _ in range(tr.unlabeled_batches_per_step)]
+        calls = []
+
+        def next_unlabeled():
+            calls.append(1)
+            return batches[len(calls) - 1]
+        monkeypatch.setattr(tr, "next_unlabeled", next_unlabeled)
+        out = tr.train_step(batch)
+        assert tr.unsup_gate_step is None and out["unsup_weight_factor"] == 0.0
+        assert len(calls) == (tr.unlabeled_batches_per_step if draws else 0)
+        assert "loss_sup" in out and ("pl_confidence" in out) == draws
+        trained.append((out["loss"], {k: v.clone() for k, v in tr.network.state_dict().items()}))
+    (loss_drawn, w_drawn), (loss_skipped, w_skipped) = trained
+    assert loss_skipped == pytest.approx(loss_drawn, rel=1e-5)
+    assert all(torch.allclose(w_skipped[k], v, atol=1e-6) for k, v in w_drawn.items())
+    moved = trainer(cls, warmup_iters=250, warmup_pseudo_dice=None)
+    assert any(not torch.equal(v, moved.network.state_dict()[k]) for k, v in w_skipped.items())
+    # the gate open: the step draws its unlabeled batches and computes the unsupervised terms
+    goto_step(tr, 300)
+    calls.clear()
+    batches[:] = [unlabeled(2, (16, 16), views=2) for _ in range(tr.unlabeled_batches_per_step)]
+    out = tr.train_step(batch)
+    assert tr.unsup_gate_step == 300 and len(calls) == tr.unlabeled_batches_per_step and "pl_confidence" in out
 
 
 def test_schedule_variables(monkeypatch):

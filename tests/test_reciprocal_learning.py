@@ -143,13 +143,14 @@ def test_teacher_warmup_trains_the_teacher_alone():
     t0 = copy.deepcopy(tr.aux["teacher"].module.state_dict())
     tr.update_unsup_gate()
     assert tr.unsup_gate_step is None                          # the base gate is closed
-    loss, terms = tr.method_step(data, tgt, [u])
+    assert not tr.draws_unlabeled()                            # no unlabeled batch drawn while it is closed
+    loss, terms = tr.method_step(data, tgt, [])
     assert set(terms) == {"loss_teacher_sup"}
     assert all(torch.equal(v, s0[k]) for k, v in tr.network.state_dict().items())
     assert any(not torch.equal(v, t0[k]) for k, v in tr.aux["teacher"].module.state_dict().items())
     tr.current_epoch = 5                                       # step 50: the gate opens, the reciprocal phase
     tr.update_unsup_gate()
-    assert tr.unsup_gate_step == 50
+    assert tr.unsup_gate_step == 50 and tr.draws_unlabeled()
     _, terms = tr.method_step(data, tgt, [u])
     assert "feedback_h" in terms
 

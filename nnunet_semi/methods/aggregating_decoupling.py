@@ -216,9 +216,6 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
         return label, stats
 
     def method_step(self, data, target, unlabeled):
-        u = unlabeled[0]
-        x_u = u.strong[0] if self.num_strong_views else u.weak
-        x_pl = u.weak if self.pseudo_label_view == "weak" else x_u
         aux = self.aux[AUX]
         ds = self.enable_deep_supervision
         net = unwrap(self.network)
@@ -226,7 +223,11 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
         aux.optimizer.zero_grad(set_to_none=True)
         y = full_resolution(target)[:, 0].long()
         k = self.label_manager.num_segmentation_heads
-        mu = self.unsup_weight_now()
+        mu = self.unsup_weight_now()   # > 0 only once the gate is open, when the unlabeled batch is drawn
+        if mu > 0:
+            u = unlabeled[0]
+            x_u = u.strong[0] if self.num_strong_views else u.weak
+            x_pl = u.weak if self.pseudo_label_view == "weak" else x_u
         with self.autocast():
             # D_xi on the labeled batch: noisy one-hot label at a random timestep
             t = torch.randint(0, self.diffusion_steps, (data.shape[0],), device=data.device)

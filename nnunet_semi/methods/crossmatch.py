@@ -279,6 +279,18 @@ class CrossMatchTrainer(SemiSupervisedTrainer):
         mix[idx] = full_resolution(clean).to(mix.dtype)
         return mix, mix_weak, mix_strong
 
+    def scaled_total(self, loss: torch.Tensor) -> torch.Tensor:
+        """(sup_loss_scale x nnU-Net's loss + weighted unsupervised terms) / loss_divisor, as released; times
+        loss_divisor / sup_loss_scale with keep_nnunet_loss_scale (the supervised term is then nnU-Net's loss)."""
+        total = loss / self.loss_divisor
+        return total * (self.loss_divisor / self.sup_loss_scale) if self.keep_nnunet_loss_scale else total
+
+    def supervised_loss(self, data, target):
+        """A warm-up step (gate closed, no unlabeled batch drawn): the total of :meth:`compute_loss` at
+        unsupervised weight 0, so the clipping sees the same scale."""
+        loss_sup = self.sup_loss_scale * self.loss(self.network(data), target)
+        return self.scaled_total(loss_sup), {"loss_sup": loss_sup.detach()}
+
     def compute_loss(self, data, target, unlabeled):
         u, m = unlabeled[0], unlabeled[1]
         bl, bu = data.shape[0], u.weak.shape[0]
@@ -315,9 +327,7 @@ class CrossMatchTrainer(SemiSupervisedTrainer):
         loss_u = self.weight_s1 * terms["loss_s1"] + self.weight_s2 * terms["loss_s2"] + self.kd_weight * loss_kd
         if self.match_full_resolution_ratio:
             loss_u = loss_u * self.full_resolution_weight()
-        total = (loss_sup + self.unsup_weight_now() * loss_u) / self.loss_divisor
-        if self.keep_nnunet_loss_scale:
-            total = total * (self.loss_divisor / self.sup_loss_scale)
+        total = self.scaled_total(loss_sup + self.unsup_weight_now() * loss_u)
         logged = {"loss_sup": loss_sup.detach(), **{k: v.detach() for k, v in terms.items()},
                   "tau": tau}
         return total, {k: logged[k] for k in LOG_TERMS}

@@ -211,7 +211,6 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
                 for p in params]
 
     def method_step(self, data, target, unlabeled):
-        x_u = unlabeled[0].weak
         teacher = self.aux["teacher"]
         opt_s, opt_t = self.optimizer, teacher.optimizer
         bl = data.shape[0]
@@ -224,6 +223,7 @@ class ReciprocalLearningTrainer(SemiSupervisedTrainer):
             self.update_grad_scaler()
             return loss_t, {"loss_teacher_sup": loss_t.detach()}
 
+        x_u = unlabeled[0].weak
         with self.autocast():
             t_out = teacher.wrapped(torch.cat((data, x_u)))
         t_l, t_u = split_batch(t_out, bl)

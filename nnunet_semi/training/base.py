@@ -15,7 +15,9 @@ provides everything methods share:
 - the unsupervised weight (:meth:`unsup_weight_now`): exactly 0 during a supervised warm-up (at least
   ``warmup_iters`` iterations and, if ``warmup_pseudo_dice`` is set, until nnU-Net's EMA pseudo Dice
   reaches it), then a ramp-up over ``rampup_iters`` iterations (or ``rampup_fraction`` of the run); the
-  step at which the gate opened is checkpoint state, so ``--c`` continues the same schedule;
+  step at which the gate opened is checkpoint state, so ``--c`` continues the same schedule. While the gate
+  is closed no unlabeled batch is drawn and the step is supervised only (:meth:`supervised_loss`; the
+  methods that override :meth:`method_step` get ``unlabeled == []``), unless ``warmup_draws_unlabeled``;
 - named auxiliary modules (moved to the device, DDP-wrapped when trainable, train/eval modes, their LR
   schedules, EMA of one or several sources updated identically on every rank from DDP-synchronised
   weights, saved and restored by ``--c``); ``use_ema_teacher`` declares Mean Teacher's one, ``'teacher'``;
@@ -137,6 +139,11 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
     #: ``warmup_iters`` capped at this fraction of all iterations (None: no cap), so that a run much shorter
     #: than the recipe's warm-up (a demo, a smoke test) still gets past it
     warmup_max_fraction: Optional[float] = None
+    #: while the warm-up gate is closed (unsupervised weight exactly 0): False = no unlabeled batch is drawn and
+    #: the step is :meth:`supervised_loss` (no pass on unlabeled data whose loss has weight 0; a warm-up step
+    #: costs a supervised one); True = the batches are drawn and the method's step runs at weight 0 (the plugin
+    #: up to stop 26: the same gradients, other data draws, and the unlabeled terms logged during the warm-up)
+    warmup_draws_unlabeled: bool = False
     #: gradient-norm clipping threshold (nnU-Net's 12)
     grad_clip: float = 12.0
     #: where the student (``self.network``) starts: 'random' (nnU-Net's initialisation) or 'supervised_run' (the
@@ -534,12 +541,28 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
                     unlabeled: List[UnlabeledBatch]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """One training iteration of the method, optimizer steps included; returns the loss to report as
         nnU-Net's train loss and the terms to log. Default: :meth:`compute_loss` under autocast, then
-        :meth:`optimizer_step`. A method with several optimizers overrides this."""
+        :meth:`optimizer_step`; :meth:`supervised_loss` instead while the warm-up gate is closed and no unlabeled
+        batch was drawn (``unlabeled == []``). A method with several optimizers overrides this."""
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            loss, terms = self.compute_loss(data, target, unlabeled)
+            loss, terms = self.compute_loss(data, target, unlabeled) if unlabeled or \
+                not self.unlabeled_batches_per_step else self.supervised_loss(data, target)
         self.optimizer_step(loss)
         return loss, terms
+
+    def supervised_loss(self, data: torch.Tensor, target: Union[torch.Tensor, List[torch.Tensor]]
+                        ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The loss of a warm-up step without unlabeled batches (the gate is closed, so :meth:`compute_loss`'s
+        unsupervised terms would have weight 0): nnU-Net's loss of the student on the labeled batch. A method
+        whose total scales the supervised term (CrossMatch) overrides it to give the same total."""
+        loss = self.loss(self.network(data), target)
+        return loss, {"loss_sup": loss.detach()}
+
+    def draws_unlabeled(self) -> bool:
+        """Whether this step draws its unlabeled batches: always once the warm-up gate is open (and with
+        ``warmup_draws_unlabeled``), never before (the unsupervised weight is exactly 0 there)."""
+        return self.unlabeled_batches_per_step > 0 and (self.warmup_draws_unlabeled or
+                                                        self.unsup_gate_step is not None)
 
     def after_optimizer_step(self) -> None:
         self.update_ema_modules()
@@ -550,8 +573,9 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
-        unlabeled = [self.next_unlabeled() for _ in range(self.unlabeled_batches_per_step)]
         self.update_unsup_gate()
+        unlabeled = [self.next_unlabeled() for _ in range(self.unlabeled_batches_per_step)] \
+            if self.draws_unlabeled() else []
         self._grad_norms = {}
         loss, terms = self.method_step(data, target, unlabeled)
         self.after_optimizer_step()
