@@ -470,3 +470,49 @@ def test_strong_view_on_an_image_only_dict(ndim, shape):
     assert t.variant == {2: "2d", "3d": "3d", None: None}[ndim]
     dummy = svda_strong_view_transform(3, ignore_axes=(0,))
     assert dummy.ignore_axes == (0,) and dummy(image=torch.rand(1, 6, 10, 10))["image"].shape == (1, 6, 10, 10)
+
+
+# --------------------------------------------------------------------------------- any trainer
+def _training_transforms_of(trainer):
+    """The labeled stream's transforms as nnU-Net's ``get_dataloaders`` asks for them."""
+    rot, dummy, _, mirror = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    return trainer.get_training_transforms(trainer.configuration_manager.patch_size, rot,
+                                           trainer._get_deep_supervision_scales(), mirror, dummy)
+
+
+def test_every_trainer_chooses_its_augmentation_the_supervised_reference_included():
+    """``augmentation = 'svda'`` (the plugin mixin's attribute) gives any plugin trainer SVDA in place of nnU-Net's
+    transforms, and a semi-supervised one SVDA as its strong view; 'nnunet' keeps nnU-Net's own; anything else is
+    refused when the trainer is built."""
+    from helpers import make_trainer
+    from nnunet_semi.methods.mean_teacher import MeanTeacherTrainer
+    from nnunet_semi.methods.supervised import SupervisedBaselineTrainer, SupervisedBaselineTrainer_svda
+    from nnunet_semi.training.base import class_hparams
+    from nnunet_semi.training.plugin import PluginTrainerMixin
+
+    def kinds(trainer):
+        return [type(t) for t in _training_transforms_of(trainer).transforms]
+
+    sup = make_trainer(SupervisedBaselineTrainer)
+    assert SVDATransform not in kinds(sup) and MirrorTransform in kinds(sup)
+    sup_svda = make_trainer(SupervisedBaselineTrainer_svda)
+    k = kinds(sup_svda)
+    assert SVDATransform in k and MirrorTransform not in k and k[-1] is DownsampleSegForDSTransform
+    t = _training_transforms_of(sup_svda).transforms[k.index(SVDATransform)]
+    assert (t.sample_num, t.p, t.variant) == (3, 0.7, "2d")
+    # the variant differs from the reference in its class body only by the augmentation
+    assert {k for k in vars(SupervisedBaselineTrainer_svda) if not k.startswith("__")} == {"augmentation"}
+    assert PluginTrainerMixin.augmentation == "nnunet"
+
+    mt = make_trainer(MeanTeacherTrainer)
+    assert class_hparams(MeanTeacherTrainer)["augmentation"] == "nnunet"
+    assert not isinstance(mt.get_strong_transform(False), SVDATransform) and SVDATransform not in kinds(mt)
+    mt_svda = make_trainer(MeanTeacherTrainer, augmentation="svda", svda_sample_num=2, svda_p=0.5, ndim=3)
+    strong = mt_svda.get_strong_transform(False)
+    assert isinstance(strong, SVDATransform) and (strong.sample_num, strong.p, strong.variant) == (2, 0.5, "3d")
+    assert strong.image_only
+    k3 = kinds(mt_svda)
+    assert SVDATransform in k3 and MirrorTransform not in k3
+
+    with pytest.raises(ValueError, match=r"SupervisedBaselineTrainer\.augmentation = 'randaugment'.*'nnunet', 'svda'"):
+        make_trainer(SupervisedBaselineTrainer, augmentation="randaugment")

@@ -74,8 +74,9 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
     benchmark_default = True
     num_strong_views = 1
     unlabeled_batches_per_step = 1
-    #: 'nnunet' (nnU-Net's training augmentation) or 'svda' (A&D's strong augmentation on both streams)
-    augmentation: str = "nnunet"
+    #: ``augmentation`` (the plugin's, :class:`~nnunet_semi.training.plugin.PluginTrainerMixin`): 'nnunet'
+    #: (nnU-Net's training augmentation, the plugin's strong view on the unlabeled batch) or 'svda' (A&D's
+    #: strong augmentation on both streams)
     #: 'weak' (pseudo-labels from the weak view, D_theta trained on the strong view) or 'same' (one view)
     pseudo_label_view: str = "weak"
     #: 'shared' (D_xi and D_psi start from D_theta's initial weights) or 'independent' (as released)
@@ -108,9 +109,6 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
     released_lr: float = 1e-2
     released_weight_decay: float = 3e-5
     aux_grad_clip: Optional[float] = 12.0
-    #: SVDA's operations per call and their probability (augmentation 'svda')
-    svda_sample_num: int = 3
-    svda_p: float = 0.7
     #: ``nnUNetv2_semi_export -n psi``: stem + encoder + D_psi as a plain nnU-Net network (the student is D_theta;
     #: D_xi needs the diffusion input and is not a plain network)
     partial_exports = {"psi": (AUX, "decoder_psi.", "decoder.")}
@@ -126,7 +124,7 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
     # ---- set-up ---------------------------------------------------------------------------------------
     def initialize(self):
         name = type(self).__name__
-        for attr, allowed in (("augmentation", ("nnunet", "svda")), ("pseudo_label_view", ("weak", "same")),
+        for attr, allowed in (("pseudo_label_view", ("weak", "same")),
                               ("decoder_init", ("shared", "independent")),
                               ("optimizer_recipe", ("nnunet", "released"))):
             if getattr(self, attr) not in allowed:
@@ -168,27 +166,6 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
     def ema_rules(self):
         return super().ema_rules() + [("network.decoder", (f"{AUX}.decoder_xi", f"{AUX}.decoder_psi"),
                                        self.theta_ema_decay, False, ("encoder.",))]
-
-    # ---- augmentation ---------------------------------------------------------------------------------
-    def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
-                                do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
-                                foreground_labels=None, regions=None, ignore_label=None):
-        if self.augmentation != "svda":
-            return super().get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
-                                                   do_dummy_2d_data_aug, use_mask_for_norm, is_cascaded,
-                                                   foreground_labels, regions, ignore_label)
-        from nnunet_semi.data.svda import svda_training_transforms
-        return svda_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
-                                        do_dummy_2d_data_aug, use_mask_for_norm, is_cascaded, foreground_labels,
-                                        regions, ignore_label, sample_num=self.svda_sample_num, p=self.svda_p)
-
-    def get_strong_transform(self, do_dummy_2d_data_aug: bool):
-        if self.augmentation != "svda":
-            return super().get_strong_transform(do_dummy_2d_data_aug)
-        from nnunet_semi.data.svda import svda_strong_view_transform
-        ndim = len(self.configuration_manager.patch_size)
-        return svda_strong_view_transform("2d" if ndim == 2 else "3d", sample_num=self.svda_sample_num,
-                                          p=self.svda_p)
 
     # ---- the step -------------------------------------------------------------------------------------
     @property

@@ -347,7 +347,13 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         return {k: getattr(self, k) for k in hparam_names(type(self))}
 
     def get_strong_transform(self, do_dummy_2d_data_aug: bool):
-        """The image-only strong perturbation (override for a method's own strong augmentation)."""
+        """The image-only strong perturbation: the plugin's intensity view, or SVDA with ``augmentation =
+        'svda'`` (override for a method's own strong augmentation)."""
+        if self.augmentation == "svda":
+            from nnunet_semi.data.svda import svda_strong_view_transform
+            ndim = len(self.configuration_manager.patch_size)
+            return svda_strong_view_transform("2d" if ndim == 2 else "3d", sample_num=self.svda_sample_num,
+                                              p=self.svda_p)
         return strong_view_transform(self.strong_aug_p, ignore_axes=(0,) if do_dummy_2d_data_aug else None)
 
     def get_dataloaders(self):

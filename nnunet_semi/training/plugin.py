@@ -3,8 +3,10 @@ a comparison behave alike: the ``nnUNet_semi_*`` budget/seed variables, a cross-
 that works with the few labeled cases semi-supervised settings have, on the CPU glibc's allocator
 told to reuse freed tensor memory (see :mod:`nnunet_semi.cpu_malloc`), and an opt-in skip of the
 validation nnU-Net runs after training (``nnUNet_semi_skip_final_validation=1``, for benchmarks and
-demos that evaluate held-out cases themselves; ``nnUNetv2_train ... --val`` still runs it), and the
-machine-readable progress file beside nnU-Net's training log (:mod:`nnunet_semi.training.progress_file`)."""
+demos that evaluate held-out cases themselves; ``nnUNetv2_train ... --val`` still runs it), the
+machine-readable progress file beside nnU-Net's training log (:mod:`nnunet_semi.training.progress_file`),
+and the choice of the training augmentation (``augmentation``: nnU-Net's, or A&D's SVDA,
+:mod:`nnunet_semi.data.svda`), so that any trainer, the supervised reference included, can train with either."""
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, save_json
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -19,6 +21,13 @@ class PluginTrainerMixin:
     #: whether the benchmark (benchmarks/run_benchmark.py) runs this trainer by default. Only a class that sets
     #: it itself counts (:meth:`is_benchmark_default`): a variant subclass does not inherit True.
     benchmark_default: bool = False
+    #: the labeled stream's training augmentation: 'nnunet' (nnU-Net's ``get_training_transforms``) or 'svda'
+    #: (A&D's strong augmentation: ``svda_sample_num`` of 6 operations, each with probability ``svda_p``, no
+    #: mirroring; semi-supervised trainers also take it as their strong unlabeled view)
+    augmentation: str = "nnunet"
+    svda_sample_num: int = 3
+    svda_p: float = 0.7
+    _AUGMENTATIONS = ("nnunet", "svda")
 
     @classmethod
     def is_benchmark_default(cls) -> bool:
@@ -26,11 +35,27 @@ class PluginTrainerMixin:
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        if self.augmentation not in self._AUGMENTATIONS:
+            raise ValueError(f"{type(self).__name__}.augmentation = {self.augmentation!r}: use one of "
+                             f"{self._AUGMENTATIONS}")
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_budget_overrides(self)
         if self.device.type == "cpu" and tune_cpu_malloc():
             self.print_to_log_file(f"CPU training: glibc malloc set to reuse freed tensor memory (no mmap, no "
                                    f"trim; {MALLOC_ENV_VAR}=0 switches this off)")
+
+    def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
+                                foreground_labels=None, regions=None, ignore_label=None):
+        """nnU-Net's training transforms, or SVDA's in their place (``augmentation = 'svda'``)."""
+        if self.augmentation != "svda":
+            return super().get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                                   do_dummy_2d_data_aug, use_mask_for_norm, is_cascaded,
+                                                   foreground_labels, regions, ignore_label)
+        from nnunet_semi.data.svda import svda_training_transforms
+        return svda_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                        do_dummy_2d_data_aug, use_mask_for_norm, is_cascaded, foreground_labels,
+                                        regions, ignore_label, sample_num=self.svda_sample_num, p=self.svda_p)
 
     def on_train_start(self):
         super().on_train_start()
