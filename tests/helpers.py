@@ -160,10 +160,10 @@ def _new_root() -> str:
 def make_trainer(cls, *, ndim: int = 2, resenc: bool = False, num_classes: int = NUM_CLASSES,
                  deep_supervision: bool = True, epochs: int = 10, iters: int = 10, seed: int = 0,
                  root: Optional[str] = None, supervised_run: bool = True, **class_attrs):
-    """A real trainer of ``cls`` (any plugin trainer class, the supervised reference included) on the CPU, built as nnUNetv2_train builds it: its
-    ``__init__`` with tiny in-memory plans (:func:`tiny_plans`, configuration '2d' or '3d_fullres' for ``ndim``),
-    a minimal dataset.json with ``num_classes`` labels and fold 0, then ``initialize()`` (nnU-Net's network from
-    ``build_network_architecture``, ``configure_optimizers``, ``_build_loss``, and the base's
+    """A real trainer of ``cls`` (any plugin trainer class, the supervised reference included) on the CPU, built as
+    nnUNetv2_train builds it: its ``__init__`` with tiny in-memory plans (:func:`tiny_plans`, configuration '2d' or
+    '3d_fullres' for ``ndim``), a minimal dataset.json with ``num_classes`` labels and fold 0, then ``initialize()``
+    (nnU-Net's network from ``build_network_architecture``, ``configure_optimizers``, ``_build_loss``, and the base's
     ``build_auxiliary_modules`` + ``setup_auxiliary_modules``, plus whatever the method's ``initialize`` adds).
     No data is loaded and no data loader is built.
 

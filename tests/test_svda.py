@@ -496,12 +496,15 @@ def test_every_trainer_chooses_its_augmentation_the_supervised_reference_include
     sup = make_trainer(SupervisedBaselineTrainer)
     assert SVDATransform not in kinds(sup) and MirrorTransform in kinds(sup)
     sup_svda = make_trainer(SupervisedBaselineTrainer_svda)
+    logged = []
+    sup_svda.print_to_log_file = lambda *a, **k: logged.append(" ".join(map(str, a)))
     k = kinds(sup_svda)
     assert SVDATransform in k and MirrorTransform not in k and k[-1] is DownsampleSegForDSTransform
     t = _training_transforms_of(sup_svda).transforms[k.index(SVDATransform)]
     assert (t.sample_num, t.p, t.variant) == (3, 0.7, "2d")
+    assert any("SVDA" in line and "in place of nnU-Net's" in line for line in logged), logged
     # the variant differs from the reference in its class body only by the augmentation
-    assert {k for k in vars(SupervisedBaselineTrainer_svda) if not k.startswith("__")} == {"augmentation"}
+    assert {a for a in vars(SupervisedBaselineTrainer_svda) if not a.startswith("__")} == {"augmentation"}
     assert PluginTrainerMixin.augmentation == "nnunet"
 
     mt = make_trainer(MeanTeacherTrainer)

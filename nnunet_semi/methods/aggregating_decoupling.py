@@ -74,9 +74,9 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
     benchmark_default = True
     num_strong_views = 1
     unlabeled_batches_per_step = 1
-    #: ``augmentation`` (the plugin's, :class:`~nnunet_semi.training.plugin.PluginTrainerMixin`): 'nnunet'
-    #: (nnU-Net's training augmentation, the plugin's strong view on the unlabeled batch) or 'svda' (A&D's
-    #: strong augmentation on both streams)
+    # ``augmentation`` (the plugin's, :class:`~nnunet_semi.training.plugin.PluginTrainerMixin`): 'nnunet'
+    # (nnU-Net's training augmentation, the plugin's strong view on the unlabeled batch) or 'svda' (A&D's
+    # strong augmentation on both streams)
     #: 'weak' (pseudo-labels from the weak view, D_theta trained on the strong view) or 'same' (one view)
     pseudo_label_view: str = "weak"
     #: 'shared' (D_xi and D_psi start from D_theta's initial weights) or 'independent' (as released)

@@ -53,6 +53,8 @@ class PluginTrainerMixin:
                                                    do_dummy_2d_data_aug, use_mask_for_norm, is_cascaded,
                                                    foreground_labels, regions, ignore_label)
         from nnunet_semi.data.svda import svda_training_transforms
+        self.print_to_log_file(f"training augmentation: SVDA ({self.svda_sample_num} of 6 operations, p {self.svda_p} "
+                               f"each, no mirroring) in place of nnU-Net's")
         return svda_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
                                         do_dummy_2d_data_aug, use_mask_for_norm, is_cascaded, foreground_labels,
                                         regions, ignore_label, sample_num=self.svda_sample_num, p=self.svda_p)
