@@ -513,7 +513,9 @@ def test_every_trainer_chooses_its_augmentation_the_supervised_reference_include
     mt_svda = make_trainer(MeanTeacherTrainer, augmentation="svda", svda_sample_num=2, svda_p=0.5, ndim=3)
     strong = mt_svda.get_strong_transform(False)
     assert isinstance(strong, SVDATransform) and (strong.sample_num, strong.p, strong.variant) == (2, 0.5, "3d")
-    assert strong.image_only
+    assert strong.image_only and strong.ignore_axes == ()
+    # with nnU-Net's dummy-2D augmentation (anisotropic 3d) the strong view leaves axis 0 alone, as the training view does
+    assert mt_svda.get_strong_transform(True).ignore_axes == (0,)
     k3 = kinds(mt_svda)
     assert SVDATransform in k3 and MirrorTransform not in k3
 

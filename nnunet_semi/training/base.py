@@ -353,7 +353,7 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
             from nnunet_semi.data.svda import svda_strong_view_transform
             ndim = len(self.configuration_manager.patch_size)
             return svda_strong_view_transform("2d" if ndim == 2 else "3d", sample_num=self.svda_sample_num,
-                                              p=self.svda_p)
+                                              p=self.svda_p, ignore_axes=(0,) if do_dummy_2d_data_aug else None)
         return strong_view_transform(self.strong_aug_p, ignore_axes=(0,) if do_dummy_2d_data_aug else None)
 
     def get_dataloaders(self):

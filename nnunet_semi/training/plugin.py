@@ -37,7 +37,7 @@ class PluginTrainerMixin:
                  device: torch.device = torch.device("cuda")):
         if self.augmentation not in self._AUGMENTATIONS:
             raise ValueError(f"{type(self).__name__}.augmentation = {self.augmentation!r}: use one of "
-                             f"{self._AUGMENTATIONS}")
+                             f"{self._AUGMENTATIONS} (a class attribute: set it in the trainer variant's class body)")
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_budget_overrides(self)
         if self.device.type == "cpu" and tune_cpu_malloc():
