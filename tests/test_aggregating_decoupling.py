@@ -196,7 +196,7 @@ def test_recipes_and_bad_settings():
     d = make_trainer(AD)
     assert d.optimizer.param_groups[0]["momentum"] == 0.99
     with pytest.raises(ValueError, match="pseudo_label_view"):
-        make_trainer(AD, augmentation="svda")        # the SVDA strong view is not aligned with the weak view
+        make_trainer(AD, pseudo_label_view="strong")
     with pytest.raises(ValueError, match="decoder_init"):
         make_trainer(AD, decoder_init="random")
 

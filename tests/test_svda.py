@@ -485,7 +485,10 @@ def test_every_trainer_chooses_its_augmentation_the_supervised_reference_include
     transforms, and a semi-supervised one SVDA as its strong view; 'nnunet' keeps nnU-Net's own; anything else is
     refused when the trainer is built."""
     from helpers import make_trainer
-    from nnunet_semi.methods.mean_teacher import MeanTeacherTrainer
+    from nnunet_semi.data.svda import GEOMETRIC_OPS, SVDA_INTENSITY_OPS
+    from nnunet_semi.methods.aggregating_decoupling import AggregatingDecouplingTrainer, \
+        AggregatingDecouplingTrainer_svda
+    from nnunet_semi.methods.mean_teacher import MeanTeacherTrainer, MeanTeacherTrainer_svda
     from nnunet_semi.methods.supervised import SupervisedBaselineTrainer, SupervisedBaselineTrainer_svda
     from nnunet_semi.training.base import class_hparams
     from nnunet_semi.training.plugin import PluginTrainerMixin
@@ -514,10 +517,32 @@ def test_every_trainer_chooses_its_augmentation_the_supervised_reference_include
     strong = mt_svda.get_strong_transform(False)
     assert isinstance(strong, SVDATransform) and (strong.sample_num, strong.p, strong.variant) == (2, 0.5, "3d")
     assert strong.image_only and strong.ignore_axes == ()
+    # Mean Teacher's target is the teacher's prediction of the weak view: its SVDA strong view must not move a voxel
+    assert mt_svda.strong_views_must_align() and strong.ops == SVDA_INTENSITY_OPS
+    assert set(SVDA_INTENSITY_OPS) == {"blur", "brightness", "contrast", "gamma"}
     # with nnU-Net's dummy-2D augmentation (anisotropic 3d) the strong view leaves axis 0 alone, as the training view does
     assert mt_svda.get_strong_transform(True).ignore_axes == (0,)
     k3 = kinds(mt_svda)
     assert SVDATransform in k3 and MirrorTransform not in k3
+
+    # the variant: the class body sets the augmentation only; SVDA's default draw, 3 of the 4 intensity operations
+    assert {a for a in vars(MeanTeacherTrainer_svda) if not a.startswith("__")} == {"augmentation"}
+    strong = make_trainer(MeanTeacherTrainer_svda).get_strong_transform(False)
+    assert (strong.sample_num, strong.p, strong.ops, strong.variant) == (3, 0.7, SVDA_INTENSITY_OPS, "2d")
+    img = torch.rand(1, 24, 20)
+    np.random.seed(0)
+    applied = set()
+    for _ in range(30):   # it acts, and never with rotation or zoom
+        out = strong(image=img.clone())["image"]
+        applied.update(strong.last_applied)
+        assert out.shape == img.shape and not set(strong.last_ops) & GEOMETRIC_OPS
+    assert applied == set(SVDA_INTENSITY_OPS)
+    # A&D's _svda takes its pseudo-labels from the view D_theta trains on: no alignment needed, the whole SVDA
+    ad_svda = make_trainer(AggregatingDecouplingTrainer_svda)
+    assert not ad_svda.strong_views_must_align() and ad_svda.get_strong_transform(False).ops == SVDA_OPS
+    # A&D with SVDA and pseudo-labels from the weak view: accepted now, with the aligned strong view
+    ad_weak = make_trainer(AggregatingDecouplingTrainer, augmentation="svda")
+    assert ad_weak.strong_views_must_align() and ad_weak.get_strong_transform(False).ops == SVDA_INTENSITY_OPS
 
     with pytest.raises(ValueError, match=r"SupervisedBaselineTrainer\.augmentation = 'randaugment'.*'nnunet', 'svda'"):
         make_trainer(SupervisedBaselineTrainer, augmentation="randaugment")

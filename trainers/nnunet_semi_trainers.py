@@ -7,7 +7,8 @@ from nnunet_semi.methods.crossmatch import (CrossMatchTrainer, CrossMatchTrainer
 from nnunet_semi.methods.mean_teacher import (MeanTeacherTrainer, MeanTeacherTrainer_confCE,  # noqa: F401
                                               MeanTeacherTrainer_cutmix, MeanTeacherTrainer_ema999,
                                               MeanTeacherTrainer_exportTeacher, MeanTeacherTrainer_fromSupervised,
-                                              MeanTeacherTrainer_released, MeanTeacherTrainer_weight2)
+                                              MeanTeacherTrainer_released, MeanTeacherTrainer_svda,
+                                              MeanTeacherTrainer_weight2)
 from nnunet_semi.methods.supervised import SupervisedBaselineTrainer, SupervisedBaselineTrainer_svda  # noqa: F401
 from nnunet_semi.methods.reciprocal_learning import (ReciprocalLearningTrainer,  # noqa: F401
                                                      ReciprocalLearningTrainer_exportTeacher,

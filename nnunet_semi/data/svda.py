@@ -90,7 +90,9 @@ segmentation.
 :func:`svda_strong_view_transform` is the SVDA as the plugin's strong view (``transform(image=...)``).
 Its geometric operations act on the image alone, so that view is *not* pixel-aligned with the weak
 view or with the unlabeled validity mask; A&D does not need the alignment, because its pseudo-labels
-and its prediction are computed on the same (strong) view.
+and its prediction are computed on the same (strong) view. Methods whose targets come from the weak
+view (Mean Teacher, CrossMatch) get it with ``ops=SVDA_INTENSITY_OPS``, which keeps every voxel in place
+(``SemiSupervisedTrainer.get_strong_transform``).
 """
 from __future__ import annotations
 
@@ -122,6 +124,8 @@ from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentatio
 #: the six operations, in the order of the released ``tr_transforms_select``
 SVDA_OPS: Tuple[str, ...] = ("rotation", "scale", "blur", "brightness", "contrast", "gamma")
 GEOMETRIC_OPS = frozenset({"rotation", "scale"})
+#: the operations that leave every voxel where it is (a strong view from these stays pixel-aligned)
+SVDA_INTENSITY_OPS: Tuple[str, ...] = tuple(o for o in SVDA_OPS if o not in GEOMETRIC_OPS)
 
 _MAX_ANGLE = 15. / 360 * 2. * np.pi
 

@@ -132,9 +132,6 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
         if self.pseudo_label_view == "weak" and self.num_strong_views < 1:
             raise ValueError(f"{name}: pseudo_label_view 'weak' needs num_strong_views >= 1 (the view D_theta "
                              f"trains on); use pseudo_label_view = 'same' otherwise")
-        if self.augmentation == "svda" and self.pseudo_label_view == "weak":
-            raise ValueError(f"{name}: the SVDA strong view is not pixel-aligned with the weak view; use "
-                             f"pseudo_label_view = 'same' with augmentation 'svda'")
         if self.label_manager.ignore_label is not None:
             raise NotImplementedError(f"{name}: datasets with an ignore label are not supported (the difficulty "
                                       f"weights and the diffusion label encoding need every voxel labeled)")
@@ -146,6 +143,11 @@ class AggregatingDecouplingTrainer(SemiSupervisedTrainer):
         self.print_to_log_file(f"A&D: augmentation {self.augmentation}, pseudo-labels from the "
                                f"{self.pseudo_label_view} view, decoders {self.decoder_init}, optimizers "
                                f"{self.optimizer_recipe}, {self.sample_steps} DDIM steps")
+
+    def strong_views_must_align(self) -> bool:
+        """Pseudo-labels from the weak view need an aligned strong view (with SVDA: its intensity operations
+        only); from the view D_theta trains on ('same', as released) they do not (the whole SVDA)."""
+        return self.pseudo_label_view == "weak"
 
     def make_optimizer(self, parameters):
         if self.optimizer_recipe == "released":
@@ -282,9 +284,9 @@ class AggregatingDecouplingTrainer_normDifficulty(AggregatingDecouplingTrainer):
 
 class AggregatingDecouplingTrainer_svda(AggregatingDecouplingTrainer):
     """The default recipe with A&D's SVDA (3 of 6 operations, p 0.7) on both streams in place of nnU-Net's
-    augmentation, everything else as the default. The SVDA view of an unlabeled image is not pixel-aligned with
-    a weak view, so the pseudo-labels come from the view D_theta trains on, as released (its image-path encoder
-    output is reused: no second encoder pass). Measures SVDA against nnU-Net's augmentation inside nnU-Net."""
+    augmentation, everything else as the default. The pseudo-labels come from the view D_theta trains on, as
+    released, so that view is the whole SVDA, rotation and zoom included (its image-path encoder output is reused:
+    no second encoder pass). Measures SVDA against nnU-Net's augmentation inside nnU-Net."""
     augmentation = "svda"
     pseudo_label_view = "same"
 

@@ -127,6 +127,14 @@ class MeanTeacherTrainer_cutmix(MeanTeacherTrainer):
     cutmix_p = 0.5
 
 
+class MeanTeacherTrainer_svda(MeanTeacherTrainer):
+    """The default recipe with A&D's SVDA in place of nnU-Net's augmentation: the whole SVDA on the labeled batch,
+    and as the student's strong view SVDA's intensity operations (3 of blur, brightness, contrast, gamma, p 0.7),
+    which keep it pixel-aligned with the teacher's weak view. Its control is ``SupervisedBaselineTrainer_svda``:
+    the same augmentation without the unlabeled images (benchmarks/RESULTS.md)."""
+    augmentation = "svda"
+
+
 class MeanTeacherTrainer_exportTeacher(MeanTeacherTrainer):
     export_network = "teacher"
 

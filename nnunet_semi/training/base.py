@@ -346,14 +346,26 @@ class SemiSupervisedTrainer(PluginTrainerMixin, nnUNetTrainer):
         uses them (environment overrides included)."""
         return {k: getattr(self, k) for k in hparam_names(type(self))}
 
+    def strong_views_must_align(self) -> bool:
+        """Whether the method's strong views must stay pixel-aligned with the weak view: True where a prediction
+        of the weak view (a teacher's, a pseudo-label) is the target on a strong view, as in Mean Teacher,
+        CrossMatch and Reciprocal Learning. A method whose targets come from the strong view itself returns False
+        (A&D with ``pseudo_label_view = 'same'``)."""
+        return True
+
     def get_strong_transform(self, do_dummy_2d_data_aug: bool):
         """The image-only strong perturbation: the plugin's intensity view, or SVDA with ``augmentation =
-        'svda'`` (override for a method's own strong augmentation)."""
+        'svda'`` (override for a method's own strong augmentation). SVDA's rotation and zoom would move the
+        image away from the weak view's targets and validity mask, so where :meth:`strong_views_must_align` the
+        SVDA strong view draws ``svda_sample_num`` of its four intensity operations only (at most four)."""
         if self.augmentation == "svda":
-            from nnunet_semi.data.svda import svda_strong_view_transform
+            from nnunet_semi.data.svda import svda_strong_view_transform, SVDA_INTENSITY_OPS
             ndim = len(self.configuration_manager.patch_size)
-            return svda_strong_view_transform("2d" if ndim == 2 else "3d", sample_num=self.svda_sample_num,
-                                              p=self.svda_p, ignore_axes=(0,) if do_dummy_2d_data_aug else None)
+            ops, sample_num = None, self.svda_sample_num
+            if self.strong_views_must_align():
+                ops, sample_num = SVDA_INTENSITY_OPS, min(sample_num, len(SVDA_INTENSITY_OPS))
+            return svda_strong_view_transform("2d" if ndim == 2 else "3d", sample_num=sample_num, p=self.svda_p,
+                                              ignore_axes=(0,) if do_dummy_2d_data_aug else None, ops=ops)
         return strong_view_transform(self.strong_aug_p, ignore_axes=(0,) if do_dummy_2d_data_aug else None)
 
     def get_dataloaders(self):
