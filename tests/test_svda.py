@@ -488,6 +488,7 @@ def test_every_trainer_chooses_its_augmentation_the_supervised_reference_include
     from nnunet_semi.data.svda import GEOMETRIC_OPS, SVDA_INTENSITY_OPS
     from nnunet_semi.methods.aggregating_decoupling import AggregatingDecouplingTrainer, \
         AggregatingDecouplingTrainer_svda
+    from nnunet_semi.methods.crossmatch import CrossMatchTrainer_svda
     from nnunet_semi.methods.mean_teacher import MeanTeacherTrainer, MeanTeacherTrainer_svda
     from nnunet_semi.methods.supervised import SupervisedBaselineTrainer, SupervisedBaselineTrainer_svda
     from nnunet_semi.training.base import class_hparams
@@ -537,6 +538,11 @@ def test_every_trainer_chooses_its_augmentation_the_supervised_reference_include
         applied.update(strong.last_applied)
         assert out.shape == img.shape and not set(strong.last_ops) & GEOMETRIC_OPS
     assert applied == set(SVDA_INTENSITY_OPS)
+    # CrossMatch's pseudo-labels come from the weak view too: both its strong views are aligned SVDA views
+    cm_svda = make_trainer(CrossMatchTrainer_svda)
+    assert {a for a in vars(CrossMatchTrainer_svda) if not a.startswith("__")} == {"augmentation"}
+    assert cm_svda.num_strong_views == 2 and cm_svda.get_strong_transform(False).ops == SVDA_INTENSITY_OPS
+    assert SVDATransform in kinds(cm_svda)
     # A&D's _svda takes its pseudo-labels from the view D_theta trains on: no alignment needed, the whole SVDA
     ad_svda = make_trainer(AggregatingDecouplingTrainer_svda)
     assert not ad_svda.strong_views_must_align() and ad_svda.get_strong_transform(False).ops == SVDA_OPS

@@ -3,7 +3,7 @@ Keep this file free of code: nnU-Net imports it as a top-level module and then f
 from nnunet_semi.methods.crossmatch import (CrossMatchTrainer, CrossMatchTrainer_annealedTau,  # noqa: F401
                                             CrossMatchTrainer_paper, CrossMatchTrainer_paperAnnealedTau,
                                             CrossMatchTrainer_presentClassDice, CrossMatchTrainer_rampUp,
-                                            CrossMatchTrainer_released)
+                                            CrossMatchTrainer_released, CrossMatchTrainer_svda)
 from nnunet_semi.methods.mean_teacher import (MeanTeacherTrainer, MeanTeacherTrainer_confCE,  # noqa: F401
                                               MeanTeacherTrainer_cutmix, MeanTeacherTrainer_ema999,
                                               MeanTeacherTrainer_exportTeacher, MeanTeacherTrainer_fromSupervised,

@@ -333,6 +333,14 @@ class CrossMatchTrainer(SemiSupervisedTrainer):
         return total, {k: logged[k] for k in LOG_TERMS}
 
 
+class CrossMatchTrainer_svda(CrossMatchTrainer):
+    """The default recipe with A&D's SVDA in place of nnU-Net's augmentation: the whole SVDA on the labeled batch,
+    and as each strong view SVDA's intensity operations (3 of blur, brightness, contrast, gamma, p 0.7; then
+    CutMix as in the default), which keep the strong views pixel-aligned with the weak view the pseudo-labels come
+    from. Its control is ``SupervisedBaselineTrainer_svda`` (benchmarks/RESULTS.md)."""
+    augmentation = "svda"
+
+
 class CrossMatchTrainer_released(CrossMatchTrainer):
     """The released code at HEAD: Dice-only unsupervised terms (all classes with more than two, foreground
     for binary problems), full weight from step 0, no warm-up (the plugin's default up to version 0.1)."""
